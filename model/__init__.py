@@ -1,0 +1,9 @@
+"""The energy-flow lattice model. Runs in a plain Python process: no Ray, no MLflow here."""
+from .config import PRESETS, ConfigError, ModelConfig, preset
+from .flow import FlowStats, FlowTrace, run_flows
+from .lattice import (Collector, EnergyCarrier, EnergyLattice, InputMapper, LatticeOutput, SimpleNeuron,
+                      batch_metrics, count_parameters, lattice_loss)
+
+__all__ = ["PRESETS", "ConfigError", "ModelConfig", "preset", "FlowStats", "FlowTrace", "run_flows",
+           "Collector", "EnergyCarrier", "EnergyLattice", "InputMapper", "LatticeOutput", "SimpleNeuron",
+           "batch_metrics", "count_parameters", "lattice_loss"]

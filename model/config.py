@@ -1,0 +1,283 @@
+"""The model's configuration: one dataclass whose fields document themselves, and its presets.
+
+Every field carries its help text and its allowed range in `knob(...)` metadata, so validation,
+the CLI's `--set key=value` parsing and error messages all come from one place. A preset is just a
+named dict of field overrides; every field can still be overridden after it.
+
+The helpers at the bottom (`validate`, `apply_overrides`, `flatten`) work on any dataclass built
+from knobs, including nested ones; the orchestrator's training config reuses them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config value outside its allowed range, or an unknown field. The message names the field."""
+
+
+def knob(default: Any, help: str, *, range: str | None = None, choices: tuple | None = None):
+    """A dataclass field with help text and an allowed range such as "[1, 4096]" or "(0, 1]"."""
+    return field(default=default, metadata={"help": help, "range": range, "choices": choices})
+
+
+PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # --- input and lattice shape -------------------------------------------------------------
+    embed_dim: int = knob(384, "teacher embedding size E (384 for all-MiniLM-L6-v2)", range="[1, 16384]")
+    width: int = knob(20, "lattice cells along x; the surface is width x height", range="[2, 4096]")
+    height: int = knob(20, "lattice cells along y", range="[2, 4096]")
+    depth: int = knob(10, "lattice cells along z; the output planes are z=-1 and z=+1", range="[3, 4096]")
+
+    # --- learned components ------------------------------------------------------------------
+    mapper_rank: int = knob(16, "rank K of the separable input mapper and of the collector", range="[1, 1024]")
+    mapper_dropout: float = knob(0.0, "dropout on the embedding inside the mapper (off in eval mode)", range="[0, 1)")
+    neuron_hidden: int = knob(32, "hidden width of the shared SimpleNeuron MLP", range="[1, 4096]")
+    neuron_features: int = knob(16, "features the SimpleNeuron feeds to the carrier", range="[1, 4096]")
+    carrier_hidden: int = knob(256, "hidden size Hc of the EnergyCarrier GRU", range="[1, 16384]")
+    carrier_layers: int = knob(2, "number of stacked GRU layers L in the EnergyCarrier", range="[1, 16]")
+    hidden_noise_std: float = knob(0.01, "std of the noise added to the zero initial carrier state", range="[0, 1]")
+
+    # --- flow dynamics -----------------------------------------------------------------------
+    max_dz_cells: float | None = knob(
+        None, "largest displacement per step along z, in lattice cells (None: depth/8)", range="(0, 4096]")
+    max_dxy_cells: float | None = knob(
+        None, "largest displacement per step along x and y, in cells (None: width/16 and height/16, "
+              "at least 1)", range="(0, 4096]")
+    reflect_walls: bool = knob(True, "x and y reflect at the walls (False: clamp)")
+    spawn_threshold: float = knob(
+        0.12, "a flow moving farther than this in one step (normalized units) spawns "
+              "floor(len/threshold)-1 children", range="(0, 8]")
+    max_spawn_per_step: int = knob(2, "most children one flow may spawn in one step", range="[0, 64]")
+    max_flows_per_sample: int | None = knob(
+        None, "cap on the flows ever created per sample (None: 2 x width x height)", range="[4, 2147483647]")
+
+    # --- adaptive convergence ----------------------------------------------------------------
+    min_steps: int | None = knob(
+        None, "never stop before this many steps (None: the straight-path minimum to reach a plane)",
+        range="[1, 10000]")
+    max_steps: int | None = knob(None, "hard step limit (None: 4 x the straight-path minimum)", range="[1, 10000]")
+    convergence_threshold: float = knob(0.95, "stop once arrived/created reaches this", range="(0, 1]")
+    convergence_patience: int = knob(
+        3, "stop after this many consecutive steps (counted from min_steps) without completion "
+           "improving by min_improvement", range="[1, 10000]")
+    min_improvement: float = knob(0.005, "completion gain that counts as improvement", range="[0, 1]")
+
+    # --- numerics and memory -----------------------------------------------------------------
+    precision: str = knob("fp32", "autocast for the neuron, carrier and heads; positions and "
+                                  "splatting stay fp32", choices=PRECISIONS)
+    activation_checkpointing: bool = knob(
+        False, "recompute each flow step in backward instead of keeping its activations")
+    saved_state_dtype: str = knob(
+        "fp32", "dtype of the carrier state carried between steps, which is what activation "
+                "checkpointing saves; bf16 halves that memory", choices=("fp32", "bf16"))
+    loss_mse_weight: float = knob(0.0, "weight of an MSE term added to the 1 - cosine loss", range="[0, 1000]")
+    travel_loss_weight: float = knob(
+        0.1, "weight of the mean distance projected flows still had to go; arrival is discrete, so "
+             "this is the only gradient that teaches flows to head out (0: off)",
+        range="[0, 1000]")
+
+    # --- derived quantities ------------------------------------------------------------------
+    @property
+    def surface(self) -> int:
+        return self.width * self.height
+
+    def step_limits(self) -> tuple[float, float, float]:
+        """Largest displacement per step along (x, y, z) in normalized [-1, 1] units."""
+        r = self.resolved()
+        return (r.max_dxy_cells * 2 / (r.width - 1), r.max_dxy_cells * 2 / (r.height - 1),
+                r.max_dz_cells * 2 / (r.depth - 1))
+
+    def straight_path_steps(self) -> int:
+        """Steps a flow needs to get from z=0 to a plane moving at full speed along z."""
+        dz = (self.max_dz_cells or self.depth / 8) * 2 / (self.depth - 1)
+        return max(1, math.ceil(1.0 / dz - 1e-9))
+
+    def resolved(self) -> ModelConfig:
+        """This config with every None default replaced by its value, validated."""
+        validate(self)
+        straight = self.straight_path_steps()
+        dxy = self.max_dxy_cells or max(1.0, min(self.width, self.height) / 16)
+        out = dataclasses.replace(
+            self,
+            max_dz_cells=float(self.max_dz_cells or self.depth / 8),
+            max_dxy_cells=float(dxy),
+            max_flows_per_sample=self.max_flows_per_sample or 2 * self.surface,
+            min_steps=self.min_steps or straight,
+            max_steps=self.max_steps or 4 * straight,
+        )
+        if out.min_steps > out.max_steps:
+            raise ConfigError(f"min_steps={out.min_steps} must be <= max_steps={out.max_steps}")
+        if out.max_flows_per_sample < out.surface:
+            raise ConfigError(
+                f"max_flows_per_sample={out.max_flows_per_sample} is below the {out.surface} flows "
+                f"every sample starts with (width x height); allowed range [{out.surface}, 2147483647]")
+        return out
+
+    def shape_fields(self) -> dict[str, int]:
+        """The fields that fix parameter shapes; checkpoints must agree on all of them."""
+        return {k: getattr(self, k) for k in (
+            "embed_dim", "width", "height", "depth", "mapper_rank", "neuron_hidden",
+            "neuron_features", "carrier_hidden", "carrier_layers")}
+
+
+# A preset is a named set of overrides. Large lattices turn on checkpointing and bf16 saved state
+# because backprop through every step otherwise keeps steps x N x Hc x L activations.
+_BIG = {"activation_checkpointing": True, "saved_state_dtype": "bf16"}
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": dict(width=8, height=8, depth=8, carrier_hidden=32, carrier_layers=1, mapper_rank=8,
+                  neuron_hidden=16, neuron_features=8),
+    "debug": dict(width=20, height=20, depth=10, carrier_hidden=256, carrier_layers=2),
+    "experiment": dict(width=28, height=28, depth=60, carrier_hidden=512, carrier_layers=3),
+    "optimized": dict(width=100, height=100, depth=50, carrier_hidden=1024, carrier_layers=3, **_BIG),
+    "scale-50": dict(width=50, height=50, depth=25, carrier_hidden=256, carrier_layers=2),
+    "scale-150": dict(width=150, height=150, depth=75, carrier_hidden=256, carrier_layers=2, **_BIG),
+    "scale-300": dict(width=300, height=300, depth=150, carrier_hidden=256, carrier_layers=2, **_BIG),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """The ModelConfig of a preset, with further field overrides applied."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return apply_overrides(ModelConfig(**PRESETS[name]), overrides)
+
+
+# ------------------------------------------------------------------------------------------------
+# Generic helpers for knob dataclasses (nested dataclass fields are addressed as "outer.inner").
+# ------------------------------------------------------------------------------------------------
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _base_type(tp) -> tuple[type, bool]:
+    """(the concrete type, whether None is allowed) of an annotation like `int | None`."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _parse_range(spec: str) -> tuple[float, float, bool, bool]:
+    lo, hi = spec[1:-1].split(",")
+    return float(lo), float(hi), spec[0] == "[", spec[-1] == "]"
+
+
+def _check_value(name: str, value: Any, tp, meta: dict) -> None:
+    base, optional = _base_type(tp)
+    if value is None:
+        if optional:
+            return
+        raise ConfigError(f"{name} must not be None")
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} must be true or false")
+        return
+    if base is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{name}={value!r} must be an integer; allowed range {meta.get('range')}")
+    if base is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ConfigError(f"{name}={value!r} must be a number; allowed range {meta.get('range')}")
+    if base is str and not isinstance(value, str):
+        raise ConfigError(f"{name}={value!r} must be a string")
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{name}={value!r} is not allowed; choose one of {', '.join(map(str, meta['choices']))}")
+    if meta.get("range"):
+        lo, hi, lo_closed, hi_closed = _parse_range(meta["range"])
+        ok = (value >= lo if lo_closed else value > lo) and (value <= hi if hi_closed else value < hi)
+        if not ok or (isinstance(value, float) and not math.isfinite(value)):
+            raise ConfigError(f"{name}={value!r} is out of range; allowed range {meta['range']}")
+
+
+def validate(cfg, prefix: str = "") -> None:
+    """Check every field's type and range; raise ConfigError naming the first bad field."""
+    hints = _field_types(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, prefix + f.name + ".")
+        else:
+            _check_value(prefix + f.name, value, hints[f.name], f.metadata)
+
+
+def parse_value(cfg_cls, key: str, text: str) -> Any:
+    """Turn the text of `--set key=text` into the field's type (`none` means None)."""
+    cls, name = cfg_cls, key
+    while "." in name:
+        head, name = name.split(".", 1)
+        if head not in _field_types(cls):
+            raise ConfigError(f"unknown config field {key!r}")
+        cls = _field_types(cls)[head]
+    hints = _field_types(cls)
+    if name not in hints:
+        raise ConfigError(f"unknown config field {key!r}; known fields: {', '.join(sorted(hints))}")
+    base, optional = _base_type(hints[name])
+    if text.strip().lower() in ("none", "null") and optional:
+        return None
+    try:
+        if base is bool:
+            if text.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.strip().lower() in ("true", "1", "yes")
+        if base is int:
+            return int(float(text)) if float(text).is_integer() else int(text)
+        if base is float:
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{key}={text!r} is not a valid {base.__name__}") from None
+    return text
+
+
+def apply_overrides(cfg, overrides: dict[str, Any], _prefix: str = ""):
+    """A copy of `cfg` with dotted-path overrides applied and validated, e.g. {"model.width": 30}."""
+    grouped: dict[str, dict[str, Any]] = {}
+    direct: dict[str, Any] = {}
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if head not in names:
+            raise ConfigError(f"unknown config field {_prefix + key!r}; known fields: "
+                              f"{', '.join(sorted(names))}")
+        if rest:
+            grouped.setdefault(head, {})[rest] = value
+        else:
+            direct[head] = value
+    for head, sub in grouped.items():
+        direct[head] = apply_overrides(getattr(cfg, head), sub, _prefix + head + ".")
+    out = dataclasses.replace(cfg, **direct)
+    validate(out, _prefix)
+    return out
+
+
+def flatten(cfg, prefix: str = "") -> dict[str, Any]:
+    """{"dotted.path": value} for every leaf field, e.g. for MLflow params."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, prefix + f.name + "."))
+        else:
+            out[prefix + f.name] = value
+    return out
+
+
+def from_dict(cls, data: dict[str, Any]):
+    """Rebuild a (nested) knob dataclass from `dataclasses.asdict` output, validating it."""
+    hints = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise ConfigError(f"unknown config field {key!r} for {cls.__name__}")
+        sub = hints[key]
+        kwargs[key] = from_dict(sub, value) if dataclasses.is_dataclass(sub) and isinstance(value, dict) else value
+    out = cls(**kwargs)
+    validate(out)
+    return out

@@ -1,0 +1,228 @@
+"""The flow processor: carries energy from the input surface to the two output planes.
+
+A flow is one row in a set of flat tensors: position (N, 3) in [-1, 1], energy (N, 1), carrier
+state (L, N, Hc), sample index (N,), path length (N,). Rows stay sorted by sample: the initial
+flows are laid out sample-major and every later gather preserves order, which is what lets the
+per-sample flow cap be enforced with one cumulative sum instead of a loop.
+
+Each step:
+  1. the dense step (neuron + carrier, supplied by the model) gives a new state, energy and move;
+  2. positions move; x and y reflect (or clamp) at the walls; z beyond -1 or +1 means arrived;
+  3. flows that moved farther than `spawn_threshold` ask for children, capped per sample;
+  4. ONE host sync fetches the sizes of the next step (kept, arrived, spawned counts);
+  5. arrived flows splat their energy bilinearly onto their plane at their continuous (x, y), so
+     gradients reach the move head; every other flow is gathered into the next step's tensors, each
+     parent followed by its children (spawned at the parent's previous position, sharing its energy).
+When the loop stops, flows still active are projected onto the nearer plane and deposited there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .config import ModelConfig
+
+# (pos, energy, hidden) -> (hidden, energy, move); pos/energy/move fp32, hidden in the state dtype.
+StepFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+
+
+@dataclass
+class FlowStats:
+    """What one forward pass of the flow processor did (per-sample counts are (B,) tensors)."""
+    steps_used: int
+    stop_reason: str                 # all_arrived | converged | patience | max_steps
+    completion: float                # arrived / created when the loop stopped
+    completion_curve: list[float]    # completion after each step
+    created: Tensor                  # flows ever created per sample (initial + spawned)
+    arrived: Tensor                  # flows that reached a plane on their own
+    projected: Tensor                # flows deposited by projection when the loop stopped
+    path_length_sum: Tensor          # total distance travelled by all deposited flows
+    # Distance the projected flows still had to go to their plane, per created flow. It keeps its
+    # graph: arrival itself is discrete, so this is the only signal that reaches the z-move.
+    remaining_distance: Tensor
+    surface: int
+
+    @property
+    def spawned(self) -> Tensor:
+        return self.created - self.surface
+
+    @property
+    def mean_path_length(self) -> float:
+        deposited = (self.arrived + self.projected).sum().clamp(min=1)
+        return float(self.path_length_sum / deposited)
+
+
+@dataclass
+class FlowTrace:
+    """Per-flow bookkeeping for tests and plots; only collected with `trace=True` (slower)."""
+    deposited_ids: list[Tensor] = field(default_factory=list)   # flow id of every deposit
+    deposited_energy: list[Tensor] = field(default_factory=list)
+    initial_energy: Tensor | None = None
+    # (flow ids, positions) of sample 0's flows after each step, for flow-path plots
+    sample0_paths: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    created_total: int = 0
+
+
+def _move(pos: Tensor, move: Tensor, reflect: bool) -> Tensor:
+    new = pos + move
+    xy, z = new[:, :2], new[:, 2:]
+    if reflect:  # a step is shorter than the lattice, so one reflection per wall is enough
+        xy = torch.where(xy > 1, 2 - xy, xy)
+        xy = torch.where(xy < -1, -2 - xy, xy)
+    return torch.cat([xy, z], dim=1).clamp(-1, 1)  # z at +-1 means arrived
+
+
+def _splat(sample: Tensor, plane: Tensor, xy: Tensor, value: Tensor, height: int, width: int):
+    """Bilinear splat of `value` at continuous (x, y) in [-1, 1]: (flat indices, weighted values).
+
+    Indices address a flat (B, 2, H, W) tensor; the weights are differentiable in x and y.
+    """
+    gx = (xy[:, 0] + 1) * (0.5 * (width - 1))
+    gy = (xy[:, 1] + 1) * (0.5 * (height - 1))
+    x0 = gx.detach().floor().clamp(0, width - 2)
+    y0 = gy.detach().floor().clamp(0, height - 2)
+    fx, fy = gx - x0, gy - y0
+    base = ((sample * 2 + plane) * height + y0.long()) * width + x0.long()
+    index = torch.cat([base, base + 1, base + width, base + width + 1])
+    v = value.reshape(-1)
+    weighted = torch.cat([v * (1 - fx) * (1 - fy), v * fx * (1 - fy), v * (1 - fx) * fy, v * fx * fy])
+    return index, weighted
+
+
+def _positions_of(mask: Tensor, count: int) -> Tensor:
+    """Indices where `mask` is true, given the count already fetched (no extra host sync)."""
+    return torch.repeat_interleave(torch.arange(mask.numel(), device=mask.device), mask.long(),
+                                   output_size=count)
+
+
+def run_flows(energy_grid: Tensor, step_fn: StepFn, cfg: ModelConfig, *, hidden_dtype: torch.dtype,
+              trace: bool = False) -> tuple[Tensor, FlowStats, FlowTrace | None]:
+    """Run every flow of a batch to the planes. Returns (planes (B, 2, H, W) fp32, stats, trace).
+
+    `cfg` must be resolved (no None defaults). Plane 0 is z = -1, plane 1 is z = +1.
+    """
+    B, H, W = energy_grid.shape
+    dev = energy_grid.device
+    S, N = H * W, B * H * W
+    limits = torch.tensor(cfg.step_limits(), device=dev)
+
+    # Step 0: one flow per (sample, surface cell) on the centre plane z = 0.
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, H, device=dev), torch.linspace(-1, 1, W, device=dev),
+                            indexing="ij")
+    surface_xy = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1)
+    pos = torch.cat([surface_xy.repeat(B, 1), torch.zeros(N, 1, device=dev)], dim=1)
+    energy = energy_grid.reshape(N, 1).float()
+    sample = torch.arange(B, device=dev).repeat_interleave(S)
+    hidden = (torch.randn(cfg.carrier_layers, N, cfg.carrier_hidden, device=dev)
+              * cfg.hidden_noise_std).to(hidden_dtype)
+    path = torch.zeros(N, device=dev)
+    created = torch.full((B,), S, device=dev, dtype=torch.long)
+    arrived_per_sample = torch.zeros(B, device=dev, dtype=torch.long)
+    zeros_b = torch.zeros(B, device=dev, dtype=torch.long)
+    path_sum = torch.zeros((), device=dev)
+
+    tr = FlowTrace(initial_energy=energy.detach().clone(), created_total=N) if trace else None
+    flow_id = torch.arange(N, device=dev) if trace else None
+
+    deposit_index: list[Tensor] = []
+    deposit_value: list[Tensor] = []
+    arrived_total, created_total = 0, N
+    curve: list[float] = []
+    best, stale, stop_reason = None, 0, "max_steps"
+
+    for step in range(1, cfg.max_steps + 1):
+        hidden_new, energy_new, move = step_fn(pos, energy, hidden)
+        move = move * limits  # the carrier's move head is in [-1, 1] per axis
+        new_pos = _move(pos, move, cfg.reflect_walls)
+        z = new_pos[:, 2]
+        arrived = (z <= -1) | (z >= 1)
+        keep = ~arrived
+        step_len = move.detach().norm(dim=1)
+        path_before, path = path, path + step_len
+
+        # Movement spawning, capped per sample. Rows are sorted by sample, so "children asked for
+        # by earlier flows of the same sample" is a global exclusive cumsum minus the sample's offset.
+        asked = ((step_len / cfg.spawn_threshold).floor() - 1).clamp(0, cfg.max_spawn_per_step).long()
+        asked = asked * keep
+        asked_per_sample = zeros_b.index_add(0, sample, asked)
+        sample_offset = torch.cumsum(asked_per_sample, 0) - asked_per_sample
+        asked_before = torch.cumsum(asked, 0) - asked - sample_offset[sample]
+        room = (cfg.max_flows_per_sample - created)[sample] - asked_before
+        children = torch.minimum(asked, room.clamp(min=0))
+        created = created + zeros_b.index_add(0, sample, children)
+        arrived_per_sample = arrived_per_sample + zeros_b.index_add(0, sample, arrived.long())
+        path_sum = path_sum + (path * arrived).sum()
+        copies = keep * (1 + children)
+
+        # The one host sync of the step: sizes for the gathers below and the stopping rule.
+        n_next, n_arrived, n_children = torch.stack([copies.sum(), arrived.sum(), children.sum()]).tolist()
+
+        if n_arrived:
+            at = _positions_of(arrived, n_arrived)
+            plane = (z[at] > 0).long()
+            index, value = _splat(sample[at], plane, new_pos[at, :2], energy_new[at], H, W)
+            deposit_index.append(index)
+            deposit_value.append(value)
+            if tr is not None:
+                tr.deposited_ids.append(flow_id[at])
+                tr.deposited_energy.append(energy_new[at].detach().reshape(-1))
+        if tr is not None:
+            in0 = sample == 0
+            tr.sample0_paths.append((flow_id[in0].cpu(), new_pos[in0].detach().cpu()))
+
+        # Compaction and spawning in one gather: each kept flow, then its children.
+        src = torch.repeat_interleave(torch.arange(copies.numel(), device=dev), copies, output_size=n_next)
+        first_of_group = (torch.cumsum(copies, 0) - copies)[src]
+        is_child = torch.arange(n_next, device=dev) > first_of_group
+        pos = torch.where(is_child[:, None], pos[src], new_pos[src])
+        energy = (energy_new / (1 + children)[:, None])[src]  # parent and children share equally
+        hidden = hidden_new[:, src]
+        path = torch.where(is_child, path_before[src], path[src])
+        sample = sample[src]
+        if tr is not None:
+            child_rank = torch.cumsum(is_child.long(), 0) - 1
+            flow_id = torch.where(is_child, created_total + child_rank, flow_id[src])
+            tr.created_total = created_total + n_children
+
+        arrived_total += n_arrived
+        created_total += n_children
+        completion = arrived_total / created_total
+        curve.append(completion)
+        if n_next == 0:
+            stop_reason = "all_arrived"
+            break
+        if step >= cfg.min_steps:
+            if completion >= cfg.convergence_threshold:
+                stop_reason = "converged"
+                break
+            if best is None or completion >= best + cfg.min_improvement:
+                best, stale = completion, 0
+            else:
+                stale += 1
+                if stale >= cfg.convergence_patience:
+                    stop_reason = "patience"
+                    break
+
+    # Flows still moving are projected onto the nearer plane, never dropped.
+    projected = zeros_b.index_add(0, sample, torch.ones_like(sample))
+    path_sum = path_sum + path.sum()
+    remaining_distance = (1 - pos[:, 2].abs()).clamp(min=0).sum() / created_total
+    if pos.shape[0]:
+        plane = (pos[:, 2] >= 0).long()
+        index, value = _splat(sample, plane, pos[:, :2], energy, H, W)
+        deposit_index.append(index)
+        deposit_value.append(value)
+        if tr is not None:
+            tr.deposited_ids.append(flow_id)
+            tr.deposited_energy.append(energy.detach().reshape(-1))
+
+    planes = torch.zeros(B * 2 * H * W, device=dev).index_add(
+        0, torch.cat(deposit_index), torch.cat(deposit_value)).view(B, 2, H, W)
+    stats = FlowStats(
+        steps_used=len(curve), stop_reason=stop_reason, completion=curve[-1] if curve else 0.0,
+        completion_curve=curve, created=created, arrived=arrived_per_sample, projected=projected,
+        path_length_sum=path_sum, remaining_distance=remaining_distance, surface=S)
+    return planes, stats, tr

@@ -1,0 +1,163 @@
+"""The energy-flow lattice model, top to bottom.
+
+    embedding (B, E)
+      -> InputMapper       one scalar energy per surface cell        (B, H, W)
+      -> flows             one per (sample, cell), run by flow.run_flows through
+           SimpleNeuron    (position, energy) -> features             shared, ~1k parameters
+           EnergyCarrier   GRU: features, energy -> state, energy, move
+      -> two output planes deposited at z = -1 and z = +1             (B, 2, H, W)
+      -> Collector         planes -> embedding                        (B, E)
+
+Coordinates are normalized to [-1, 1] on every axis before anything sees them. The mapper and the
+collector are rank-K separable maps, so a 300x300 surface costs K x (300 + 300) parameters plus a
+bias, not a dense E x S matrix; their per-axis factors are what progressive scaling interpolates.
+Neuron, carrier and heads do not depend on the lattice shape and carry over between sizes.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+from .flow import FlowStats, FlowTrace, run_flows
+
+_AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
+
+
+class InputMapper(nn.Module):
+    """energy[b, y, x] = sum_k a[b, k] * U[k, y] * V[k, x] + bias[y, x], with a = f(embedding)."""
+
+    def __init__(self, embed_dim: int, height: int, width: int, rank: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.coefficients = nn.Linear(embed_dim, rank)
+        self.row_factors = nn.Parameter(torch.randn(rank, height) / rank ** 0.5)   # U
+        self.col_factors = nn.Parameter(torch.randn(rank, width))                  # V
+        self.bias = nn.Parameter(torch.zeros(height, width))
+
+    def forward(self, embedding: Tensor) -> Tensor:
+        a = self.coefficients(self.dropout(embedding))
+        return torch.einsum("bk,ky,kx->byx", a, self.row_factors, self.col_factors) + self.bias
+
+
+class SimpleNeuron(nn.Module):
+    """A small shared MLP from (position, energy) to features. Positions arrive in [-1, 1]."""
+
+    def __init__(self, hidden: int, features: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, hidden), nn.GELU(), nn.Linear(hidden, features))
+
+    def forward(self, pos: Tensor, energy: Tensor) -> Tensor:
+        return self.net(torch.cat([pos, energy], dim=1))
+
+
+class EnergyCarrier(nn.Module):
+    """A shared GRU that carries a flow: new state, new energy (tanh), and a move in [-1, 1]^3.
+
+    The move is scaled to the lattice's per-axis maximum step by the flow processor, which keeps
+    these weights independent of the lattice shape.
+    """
+
+    def __init__(self, in_features: int, hidden: int, layers: int):
+        super().__init__()
+        self.gru = nn.GRU(in_features + 1, hidden, layers)
+        self.energy_head = nn.Linear(hidden, 1)
+        self.move_head = nn.Linear(hidden, 3)
+
+    def forward(self, features: Tensor, energy: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x = torch.cat([features, energy.to(features.dtype)], dim=1)
+        out, hidden = self.gru(x.unsqueeze(0), hidden.to(x.dtype))
+        h = out[0]
+        return hidden, torch.tanh(self.energy_head(h)), torch.tanh(self.move_head(h))
+
+
+class Collector(nn.Module):
+    """The mirror of the mapper, with the two planes kept apart:
+    c[b, p, k] = mean_{y,x} planes[b, p, y, x] * U[p, k, y] * V[p, k, x]; embedding = Linear(LN(c)).
+
+    A mean rather than a sum keeps the features' scale independent of the surface size.
+    """
+
+    def __init__(self, embed_dim: int, height: int, width: int, rank: int):
+        super().__init__()
+        self.row_factors = nn.Parameter(torch.randn(2, rank, height))
+        self.col_factors = nn.Parameter(torch.randn(2, rank, width))
+        self.norm = nn.LayerNorm(2 * rank)
+        self.out = nn.Linear(2 * rank, embed_dim)
+
+    def forward(self, planes: Tensor) -> Tensor:
+        B, _, H, W = planes.shape
+        c = torch.einsum("bpyx,pky,pkx->bpk", planes, self.row_factors, self.col_factors) / (H * W)
+        return self.out(self.norm(c.reshape(B, -1)))
+
+
+@dataclass
+class LatticeOutput:
+    embedding: Tensor          # (B, E) predicted target embedding
+    planes: Tensor             # (B, 2, H, W) energy deposited on z = -1 (0) and z = +1 (1)
+    stats: FlowStats
+    trace: FlowTrace | None
+
+
+class EnergyLattice(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg = cfg.resolved()
+        self.mapper = InputMapper(cfg.embed_dim, cfg.height, cfg.width, cfg.mapper_rank, cfg.mapper_dropout)
+        self.neuron = SimpleNeuron(cfg.neuron_hidden, cfg.neuron_features)
+        self.carrier = EnergyCarrier(cfg.neuron_features, cfg.carrier_hidden, cfg.carrier_layers)
+        self.collector = Collector(cfg.embed_dim, cfg.height, cfg.width, cfg.mapper_rank)
+        self.hidden_dtype = torch.bfloat16 if cfg.saved_state_dtype == "bf16" else torch.float32
+
+    def _autocast(self, device_type: str):
+        dtype = _AUTOCAST_DTYPES.get(self.cfg.precision)
+        return torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    def _dense_step(self, pos: Tensor, energy: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        with self._autocast(pos.device.type):
+            features = self.neuron(pos, energy)
+            hidden, new_energy, move = self.carrier(features, energy, hidden)
+        # Positions, energies and splatting stay fp32 whatever the autocast dtype.
+        return hidden.to(self.hidden_dtype), new_energy.float(), move.float()
+
+    def _step(self, pos: Tensor, energy: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.cfg.activation_checkpointing and torch.is_grad_enabled():
+            # The dense step has no randomness, so there is no RNG state to stash and restore.
+            return checkpoint(self._dense_step, pos, energy, hidden, use_reentrant=False,
+                              preserve_rng_state=False)
+        return self._dense_step(pos, energy, hidden)
+
+    def forward(self, embedding: Tensor, *, trace: bool = False) -> LatticeOutput:
+        energy_grid = self.mapper(embedding.float())
+        planes, stats, flow_trace = run_flows(energy_grid, self._step, self.cfg,
+                                              hidden_dtype=self.hidden_dtype, trace=trace)
+        return LatticeOutput(self.collector(planes), planes, stats, flow_trace)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def lattice_loss(output: LatticeOutput, target: Tensor, cfg: ModelConfig) -> Tensor:
+    """1 - cosine to the target embedding, plus the optional MSE and travel terms."""
+    pred = output.embedding.float()
+    loss = 1 - F.cosine_similarity(pred, target.float(), dim=-1).mean()
+    if cfg.loss_mse_weight:
+        loss = loss + cfg.loss_mse_weight * F.mse_loss(pred, target.float())
+    if cfg.travel_loss_weight:
+        loss = loss + cfg.travel_loss_weight * output.stats.remaining_distance
+    return loss
+
+
+@torch.no_grad()
+def batch_metrics(pred: Tensor, target: Tensor) -> dict[str, float]:
+    """Mean cosine to target and in-batch retrieval top-1 (is a sample's nearest target its own?)."""
+    p, t = F.normalize(pred.float(), dim=-1), F.normalize(target.float(), dim=-1)
+    sims = p @ t.T
+    top1 = (sims.argmax(dim=1) == torch.arange(len(p), device=p.device)).float().mean()
+    return {"cosine": float(sims.diagonal().mean()), "top1": float(top1)}

@@ -1,0 +1,153 @@
+"""Command line: `python -m orchestrator <command> ...`.
+
+Every user error (bad config value, bad dataset, unusable checkpoint, bad flag) ends with one
+readable line on stderr and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from model.config import ConfigError
+
+from .checkpoint import CheckpointError
+from .data import DatasetError
+from .teacher import DEFAULT_TEACHER
+
+EXIT_USAGE = 2
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, FileNotFoundError, ValueError)
+
+
+class UserError(Exception):
+    """A problem with what the user asked for, reported as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's default prints the whole usage block
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _setup_logging(log_file: Path | None = None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=handlers, force=True)
+
+
+def _write_json(path: str | Path, obj: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+# ------------------------------------------------------------------------------------------------
+# train
+
+def _train_config(args):
+    from .config import make_config, parse_sets
+    overrides = parse_sets(args.set or [])
+    if args.max_steps is not None:
+        overrides["max_steps"] = args.max_steps
+    if args.data is not None:
+        if not Path(args.data).exists():
+            raise DatasetError(f"dataset {args.data} does not exist")
+        overrides["data_path"] = str(args.data)
+    return make_config(args.preset, overrides)
+
+
+def cmd_train(args) -> int:
+    cfg = _train_config(args)  # validate before anything slow starts
+    if not args.local:
+        raise UserError("train without --local runs on Ray Train, which this build does not have yet; "
+                        "add --local")
+    from .context import FileTracker, LocalContext
+    from .train import SUMMARY_KEYS, train_loop
+
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    _setup_logging(out / "train.log")
+    ctx = LocalContext(out, resume_from=args.resume, keep=cfg.keep_checkpoints)
+    summary = train_loop(cfg, ctx, FileTracker(out))
+    summary["out_dir"] = str(out)
+    _write_json(out / "summary.json", summary)
+    if args.summary_json:
+        _write_json(args.summary_json, summary)
+
+    print(f"\n{cfg.preset}: status {summary['status']} after {summary['steps']} steps")
+    for key in SUMMARY_KEYS[2:-1]:
+        print(f"  {key:26s} {_fmt(summary.get(key))}")
+    print(f"  {'baseline_ridge_top1':26s} {_fmt(summary.get('baseline_ridge_top1'))}")
+    print(f"\n  checkpoint   {summary['checkpoint']}")
+    print(f"  summary      {args.summary_json or out / 'summary.json'}")
+    print(f"  metrics      {out / 'metrics.jsonl'}   decoded examples {out / 'decoded'}")
+    print(f"  log          {out / 'train.log'}")
+    return 0 if summary["status"] == "completed" else 1
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+
+def cmd_data_build(args) -> int:
+    from .data import default_corpus_path, load_dataset, write_corpus
+    from .teacher import Teacher
+    _setup_logging()
+    teacher = Teacher(args.teacher)
+    path = Path(args.out) if args.out else default_corpus_path(teacher.teacher_id)
+    write_corpus(path, teacher)
+    ds = load_dataset(path, embed_dim=teacher.embed_dim)
+    print(f"wrote {len(ds.train) + len(ds.val)} pairs ({len(ds.train)} train / {len(ds.val)} validation at the "
+          f"default split), embedded by {teacher.teacher_id} ({teacher.embed_dim}-d), to {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from model import PRESETS
+    parser = _Parser(prog="python -m orchestrator", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train one model")
+    train.add_argument("--local", action="store_true", help="train in this process (no Ray)")
+    train.add_argument("--preset", default="debug", choices=sorted(PRESETS))
+    train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config field, e.g. lr=1e-3 or model.spawn_threshold=0.2 (repeatable)")
+    train.add_argument("--max-steps", type=int, help="optimizer steps (the config's max_steps)")
+    train.add_argument("--data", help="Parquet/JSONL/CSV with input_text and target_text "
+                                      "(default: the stdlib corpus, built on first use)")
+    train.add_argument("--out", help="run folder (default runs/<preset>-<time>); a folder with "
+                                     "checkpoints in it resumes from the newest")
+    train.add_argument("--resume", help="checkpoint folder to resume from")
+    train.add_argument("--summary-json", help="also write the run summary here")
+    train.set_defaults(func=cmd_train)
+
+    data = sub.add_parser("data", help="datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    build = data_sub.add_parser("build", help="build and embed the stdlib corpus")
+    build.add_argument("--out", help="Parquet file to write (default: the cache's corpus path)")
+    build.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher model folder or hub id")
+    build.set_defaults(func=cmd_data_build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"error: {e}".splitlines()[0], file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+    return EXIT_USAGE

@@ -1,0 +1,101 @@
+"""The run configuration: the model's config plus everything about training, data and monitoring.
+
+Fields are addressed by dotted paths everywhere (CLI `--set`, Tune spaces, MLflow params):
+`lr`, `batch_size`, `model.width`, `model.spawn_threshold`, ...
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from model.config import (ConfigError, ModelConfig, apply_overrides, flatten, from_dict, knob, parse_value,
+                          preset, validate)
+
+from .teacher import DEFAULT_TEACHER
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    preset: str = knob("debug", "the preset the model config started from (recorded for tags)")
+    seed: int = knob(0, "seed for initialisation, data order and flow noise", range="[0, 2147483647]")
+    device: str = knob("auto", "auto picks cuda when available", choices=("auto", "cpu", "cuda"))
+
+    # --- data ---------------------------------------------------------------------------------
+    data_path: str | None = knob(None, "Parquet/JSONL/CSV with input_text and target_text "
+                                       "(None: the stdlib corpus, built on first use)")
+    teacher: str = knob(DEFAULT_TEACHER, "teacher embedding model: the shipped package, a local folder or a hub id")
+    val_fraction: float = knob(0.1, "share of pairs held out for validation (split by text hash)", range="(0, 0.9]")
+    max_rows: int | None = knob(None, "use only the first rows of the dataset (quick runs)", range="[2, 2147483647]")
+    val_max_samples: int = knob(256, "validation pairs evaluated at each validation", range="[2, 1000000]")
+
+    # --- optimisation ---------------------------------------------------------------------------
+    max_steps: int = knob(300, "optimizer steps to train for (model.max_steps is flow steps per forward)",
+                          range="[1, 100000000]")
+    batch_size: int = knob(16, "samples per micro-batch per worker", range="[1, 1000000]")
+    grad_accum_steps: int = knob(1, "micro-batches accumulated into one optimizer step", range="[1, 4096]")
+    lr: float = knob(2e-3, "peak AdamW learning rate", range="(0, 10]")
+    weight_decay: float = knob(0.01, "AdamW weight decay", range="[0, 10]")
+    warmup_steps: int = knob(20, "linear warm-up from 0 to lr over this many steps", range="[0, 100000000]")
+    lr_schedule: str = knob("plateau", "after warm-up: 'plateau' cuts lr when validation loss stalls, "
+                                       "'cosine' decays to min_lr at max_steps", choices=("plateau", "cosine"))
+    plateau_factor: float = knob(0.5, "lr multiplier when validation loss stalls", range="(0, 1)")
+    plateau_patience: int = knob(2, "validations without improvement before the lr is cut", range="[0, 1000]")
+    min_lr: float = knob(1e-5, "lower bound of the lr schedule", range="[0, 10]")
+    grad_clip: float = knob(1.0, "max global gradient norm (0: no clipping)", range="[0, 1000000]")
+
+    # --- monitoring and checkpoints -------------------------------------------------------------
+    log_every: int = knob(10, "training metrics every this many steps", range="[1, 100000000]")
+    val_every: int = knob(50, "validation every this many steps (and at the end)", range="[1, 100000000]")
+    decode_every: int = knob(100, "decoded-example table every this many steps (and at the end)",
+                             range="[1, 100000000]")
+    decode_examples: int = knob(8, "rows in each decoded-example table", range="[0, 1000]")
+    checkpoint_every: int = knob(100, "checkpoint every this many steps (and at the end)", range="[1, 100000000]")
+    keep_checkpoints: int = knob(2, "local checkpoints kept besides the best one", range="[1, 1000]")
+
+    # --- fault injection, for tests of the failure paths ----------------------------------------
+    fault_nan_loss_at_step: int | None = knob(None, "test only: make the loss NaN at this step",
+                                              range="[1, 100000000]")
+    fault_crash_at_step: int | None = knob(None, "test only: kill the worker process once at this step",
+                                           range="[1, 100000000]")
+
+
+def make_config(preset_name: str = "debug", overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The TrainConfig of a preset with dotted-path overrides applied and validated."""
+    cfg = TrainConfig(model=preset(preset_name), preset=preset_name)
+    return apply_overrides(cfg, overrides or {})
+
+
+def parse_sets(pairs: list[str]) -> dict[str, Any]:
+    """`["lr=1e-3", "model.width=30"]` -> typed overrides; unknown keys name the field."""
+    out: dict[str, Any] = {}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        if key not in train_fields and "." not in key and key in model_fields:
+            raise ConfigError(f"unknown config field {key!r}; did you mean model.{key}?")
+        out[key] = parse_value(TrainConfig, key, text)
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    return from_dict(TrainConfig, data)
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def resolved(cfg: TrainConfig) -> TrainConfig:
+    """The config with the model's None defaults filled in: what runs, and what gets logged."""
+    validate(cfg)
+    return dataclasses.replace(cfg, model=cfg.model.resolved())
+
+
+__all__ = ["TrainConfig", "ConfigError", "make_config", "parse_sets", "config_from_dict", "config_to_dict",
+           "resolved", "flatten"]

@@ -1,0 +1,343 @@
+"""`train_loop(config)`: the only training loop.
+
+It runs unchanged in a plain process, as a Ray Tune function trainable, and in every worker of a
+Ray Train TorchTrainer; the RunContext it is given decides where reports and checkpoints go, and
+the Tracker records params, metrics and artifacts (rank 0 only).
+
+One optimizer step = `grad_accum_steps` micro-batches of `batch_size` samples per worker. AdamW,
+linear warm-up then ReduceLROnPlateau-style cuts (or cosine), gradient clipping, mixed precision
+(a GradScaler for fp16 only). Resume restores model, optimizer, schedule, scaler, step, RNG and
+data position, so a resumed run takes exactly the steps the uninterrupted one would have.
+A non-finite loss stops the run with status "diverged" before the bad update is applied; the last
+good checkpoint stays where it is.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from model import EnergyLattice, count_parameters, lattice_loss
+from model.config import flatten
+
+from .checkpoint import check_compatible, load_checkpoint
+from .config import TrainConfig, config_from_dict, resolved
+from .context import LocalContext, RunContext, Tracker
+from .data import PairDataset, Split, ensure_corpus, load_dataset, shard
+from .evaluation import Decoded, baselines, evaluate, example_rows, text_metrics
+
+log = logging.getLogger(__name__)
+
+SUMMARY_KEYS = ("status", "steps", "val_cosine", "val_top1", "val_bleu", "baseline_identity_cosine",
+                "baseline_ridge_cosine", "mean_steps_used", "completion", "checkpoint")
+
+
+class LRSchedule:
+    """Linear warm-up to `lr`, then either plateau cuts (driven by validation loss) or cosine decay."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.scale, self.best, self.bad_validations = 1.0, math.inf, 0
+
+    def lr(self, step: int) -> float:
+        c = self.cfg
+        if step <= c.warmup_steps:
+            return c.lr * step / c.warmup_steps
+        if c.lr_schedule == "cosine":
+            progress = (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps)
+            return c.min_lr + (c.lr - c.min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return max(c.min_lr, c.lr * self.scale)
+
+    def on_validation(self, step: int, val_loss: float) -> None:
+        if self.cfg.lr_schedule != "plateau" or step <= self.cfg.warmup_steps:
+            return
+        if val_loss < self.best - 1e-4:
+            self.best, self.bad_validations = val_loss, 0
+        else:
+            self.bad_validations += 1
+            if self.bad_validations > self.cfg.plateau_patience:
+                self.scale *= self.cfg.plateau_factor
+                self.bad_validations = 0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"scale": self.scale, "best": self.best, "bad_validations": self.bad_validations}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.scale, self.best, self.bad_validations = state["scale"], state["best"], int(state["bad_validations"])
+
+
+class BatchStream:
+    """Shuffled micro-batches over n rows; epoch e uses a permutation seeded by (seed, e).
+
+    Its state is just (epoch, position), which is what makes resume exact.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if n < batch_size:
+            raise ValueError(f"batch_size={batch_size} is larger than the {n} training rows this worker "
+                             f"holds; lower batch_size or use more data")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.position = 0, 0
+        self._perm_epoch, self._perm = -1, None
+
+    def next(self) -> torch.Tensor:
+        if self.position + self.batch_size > self.n:
+            self.epoch, self.position = self.epoch + 1, 0
+        if self._perm_epoch != self.epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), self.epoch
+        idx = self._perm[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return idx
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def _any_rank(flag: bool) -> bool:
+    return any(_all_gather(bool(flag)))
+
+
+def _unwrap(model: nn.Module) -> EnergyLattice:
+    return model.module if hasattr(model, "module") else model
+
+
+def _maybe_crash(cfg: TrainConfig, step: int, ctx: RunContext) -> None:
+    """Test-only fault: kill this process once at `fault_crash_at_step` (rank 0 only)."""
+    if cfg.fault_crash_at_step != step or ctx.rank != 0 or ctx.fault_marker_dir() is None:
+        return
+    marker = Path(ctx.fault_marker_dir()) / f".fault-crash-at-{step}"
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(os.getpid()))
+        log.warning("fault injection: killing worker process at step %d", step)
+        os._exit(13)
+
+
+def load_data(cfg: TrainConfig) -> PairDataset:
+    """The run's dataset: the configured file, or the stdlib corpus (built and embedded on first use).
+
+    The teacher loads lazily, so it costs nothing when the file already carries its embeddings.
+    """
+    from .teacher import Teacher
+    teacher = Teacher(cfg.teacher)
+    path = Path(cfg.data_path) if cfg.data_path else ensure_corpus(teacher=teacher)
+    return load_dataset(path, teacher=teacher, embed_dim=cfg.model.embed_dim, val_fraction=cfg.val_fraction,
+                        max_rows=cfg.max_rows)
+
+
+def _validate(model: EnergyLattice, val: Split, cfg: TrainConfig, ctx: RunContext,
+              device: torch.device) -> tuple[dict[str, float], list[str]]:
+    """Validation metrics over all ranks: each rank evaluates its share of the rows."""
+    rows = slice(ctx.rank, None, ctx.world_size)
+    metrics, decoded = evaluate(model, val, batch_size=cfg.batch_size, device=device, seed=cfg.seed + 7919,
+                                rows=rows)
+    n_local = len(range(*rows.indices(len(val))))
+    parts = _all_gather((n_local, metrics, decoded.cosine.cpu(), decoded.neighbour.cpu()))
+    n = sum(p[0] for p in parts)
+    merged = {k: sum(p[1][k] * p[0] for p in parts) / max(n, 1) for k in metrics}
+    # Put the rows back in validation order (rank r held rows r, r + world, ...).
+    neighbour = torch.empty(len(val), dtype=torch.long)
+    for r, p in enumerate(parts):
+        neighbour[r::ctx.world_size] = p[3]
+    texts = Decoded(cosine=torch.zeros(0), neighbour=neighbour).texts(val)
+    merged.update(text_metrics(texts, val))
+    return {f"val_{k}": v for k, v in merged.items()}, texts
+
+
+def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = None,
+               tracker: Tracker | None = None, data: PairDataset | None = None) -> dict[str, Any]:
+    """Train one model; return the run summary (see SUMMARY_KEYS). Safe to call in any worker."""
+    cfg = resolved(config if isinstance(config, TrainConfig) else config_from_dict(config))
+    ctx = ctx or LocalContext(Path("runs") / cfg.preset, keep=cfg.keep_checkpoints)
+    tracker = tracker if (tracker is not None and ctx.rank == 0) else Tracker()
+    device = ctx.device(cfg.device)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+
+    data = data or load_data(cfg)
+    train_rows = shard(data.train, ctx.rank, ctx.world_size)
+    val = data.val.take(range(min(len(data.val), cfg.val_max_samples)))
+    train_inputs = torch.from_numpy(train_rows.input_emb).to(device)
+    train_targets = torch.from_numpy(train_rows.target_emb).to(device)
+
+    model = EnergyLattice(cfg.model).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    schedule = LRSchedule(cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.model.precision == "fp16-mixed")
+    stream = BatchStream(len(train_rows), cfg.batch_size, cfg.seed * 1009 + ctx.rank)
+    step = 0
+
+    resume = ctx.resume_checkpoint()
+    if resume is not None:
+        state = load_checkpoint(resume, map_location=device)
+        check_compatible(state, cfg.model, source=f"checkpoint {resume}")
+        model.load_state_dict(state["model"])
+        if "optimizer" in state:  # weights-only checkpoints (e.g. a previous stage) start a fresh optimizer
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            scaler.load_state_dict(state["scaler"])
+            stream.load_state_dict(state["data"][ctx.rank] if ctx.rank < len(state["data"]) else state["data"][0])
+            step = int(state["step"])
+            _set_rng_state(state["rng"][min(ctx.rank, len(state["rng"]) - 1)])
+        log.info("resumed from %s at step %d", resume, step)
+    ddp_model = ctx.wrap_model(model)
+
+    base = baselines(data.train, val) if ctx.rank == 0 else {}
+    if step == 0 or resume is None:
+        tracker.log_params(flatten(cfg))
+        tracker.set_tags({"preset": cfg.preset, "lattice": f"{cfg.model.width}x{cfg.model.height}x{cfg.model.depth}",
+                          "precision": cfg.model.precision, "workers": str(ctx.world_size)})
+        tracker.log_metrics({**base, "parameters": count_parameters(model)}, step=0)
+    log.info("training %s: %d parameters, %d train rows on this worker, %d validation rows, device %s",
+             cfg.preset, count_parameters(model), len(train_rows), len(val), device)
+
+    status, last_val, validated_at, last_checkpoint = "completed", {}, None, None
+    if step == 0:  # the starting point every later validation is compared with
+        last_val, _ = _validate(model, val, cfg, ctx, device)
+        validated_at = 0
+        tracker.log_metrics(last_val, step=0)
+    window_start, window_samples = time.perf_counter(), 0
+    while step < cfg.max_steps:
+        step += 1
+        _maybe_crash(cfg, step, ctx)
+        lr = schedule.lr(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        loss_sum = torch.zeros((), device=device)
+        flow_steps, completion, spawned = 0, 0.0, 0.0
+        for micro in range(cfg.grad_accum_steps):
+            idx = stream.next().to(device)
+            sync = micro == cfg.grad_accum_steps - 1 or not hasattr(ddp_model, "no_sync")
+            with (contextlib.nullcontext() if sync else ddp_model.no_sync()):
+                out = ddp_model(train_inputs[idx])
+                loss = lattice_loss(out, train_targets[idx], cfg.model) / cfg.grad_accum_steps
+                if cfg.fault_nan_loss_at_step == step:
+                    loss = loss * float("nan")
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+            flow_steps += out.stats.steps_used
+            completion += out.stats.completion
+            spawned += float(out.stats.spawned.float().mean())
+        loss_value = float(loss_sum)
+
+        if _any_rank(not math.isfinite(loss_value)):
+            status = "diverged"
+            step -= 1  # the update was not applied
+            log.error("non-finite loss at step %d; stopping with status 'diverged'", step + 1)
+            optimizer.zero_grad(set_to_none=True)
+            break
+
+        scaler.unscale_(optimizer)
+        grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        window_samples += cfg.batch_size * cfg.grad_accum_steps * ctx.world_size
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            elapsed = time.perf_counter() - window_start
+            n_micro = cfg.grad_accum_steps
+            peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_bytes()) / 2**30
+            tracker.log_metrics({
+                "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                "steps_used": flow_steps / n_micro, "completion": completion / n_micro,
+                "spawned_per_sample": spawned / n_micro, "samples_per_s": window_samples / max(elapsed, 1e-9),
+                "step_time_s": elapsed / max(1, window_samples // (cfg.batch_size * n_micro * ctx.world_size)),
+                "peak_mem_gb": peak}, step=step)
+            window_start, window_samples = time.perf_counter(), 0
+
+        final = step == cfg.max_steps
+        validate_now = final or step % cfg.val_every == 0
+        checkpoint_now = final or step % cfg.checkpoint_every == 0
+        if validate_now:
+            last_val, texts = _validate(model, val, cfg, ctx, device)
+            validated_at = step
+            schedule.on_validation(step, last_val["val_loss"])
+            tracker.log_metrics(last_val, step=step)
+            if final or step % cfg.decode_every == 0:
+                tracker.log_table(example_rows(texts, val, cfg.decode_examples), f"decoded/step_{step:08d}.json")
+            log.info("step %d: loss %.4f val cosine %.4f top1 %.3f bleu %.2f (ridge %.4f, identity %.4f)",
+                     step, loss_value, last_val["val_cosine"], last_val["val_top1"], last_val["val_bleu"],
+                     base.get("baseline_ridge_cosine", float("nan")),
+                     base.get("baseline_identity_cosine", float("nan")))
+        elif step % cfg.decode_every == 0 and cfg.decode_examples:
+            texts = _decode_examples(model, val, cfg, device)
+            tracker.log_table(example_rows(texts, val, cfg.decode_examples), f"decoded/step_{step:08d}.json")
+        if validate_now or checkpoint_now:
+            state = None
+            if checkpoint_now:
+                states = _all_gather((stream.state_dict(), _rng_state()))
+                if ctx.rank == 0:
+                    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                             "data": [s[0] for s in states], "rng": [s[1] for s in states],
+                             "model_config": asdict(cfg.model), "train_config": flatten(cfg)}
+            path = ctx.report(step, {"step": step, "loss": loss_value, **last_val}, state)
+            last_checkpoint = path or last_checkpoint
+
+    if validated_at is None:  # resumed a run that had already finished: report where it stands
+        last_val, _ = _validate(model, val, cfg, ctx, device)
+    if last_checkpoint is None and isinstance(ctx, LocalContext):
+        last_checkpoint = ctx.resume_checkpoint()  # diverged before writing one: the last good one
+    summary = {
+        "status": status, "steps": step,
+        "val_cosine": last_val.get("val_cosine"), "val_top1": last_val.get("val_top1"),
+        "val_bleu": last_val.get("val_bleu"), "val_loss": last_val.get("val_loss"),
+        "mean_steps_used": last_val.get("val_steps_used"), "completion": last_val.get("val_completion"),
+        "max_flow_steps": cfg.model.max_steps,
+        "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+        **{k: v for k, v in base.items()},
+    }
+    tracker.finish(status, summary)
+    return summary
+
+
+def _decode_examples(model: EnergyLattice, val: Split, cfg: TrainConfig, device: torch.device) -> list[str]:
+    rows = slice(0, cfg.decode_examples)
+    _, decoded = evaluate(model, val, batch_size=cfg.batch_size, device=device, seed=cfg.seed + 7919, rows=rows)
+    return decoded.texts(val)
+
+
+def _rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports ru_maxrss in KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

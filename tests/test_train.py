@@ -1,0 +1,110 @@
+"""The training loop in a plain process: learning, checkpoints, exact resume, divergence."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from model import EnergyLattice, preset
+from orchestrator.checkpoint import (CheckpointError, check_compatible, list_checkpoints, load_checkpoint,
+                                     load_model, save_checkpoint)
+from orchestrator.config import make_config
+from orchestrator.context import FileTracker, LocalContext, read_metrics
+from orchestrator.train import SUMMARY_KEYS, train_loop
+
+QUICK = {"batch_size": 16, "val_max_samples": 64, "warmup_steps": 2, "log_every": 1}
+
+
+def train(tmp_path, data, name="run", resume_from=None, **overrides):
+    cfg = make_config("smoke", {**QUICK, **overrides})
+    out = tmp_path / name
+    summary = train_loop(cfg, LocalContext(out, resume_from=resume_from), FileTracker(out), data=data)
+    return summary, out
+
+
+def losses(out):
+    return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
+
+
+def val_cosines(out):
+    return {r["step"]: r["val_cosine"] for r in read_metrics(out / "metrics.jsonl") if "val_cosine" in r}
+
+
+def test_smoke_training_improves_validation_cosine(tmp_path, small_data):
+    summary, out = train(tmp_path, small_data, max_steps=80, val_every=40, lr=3e-3)
+    curve = val_cosines(out)
+    assert summary["status"] == "completed" and summary["steps"] == 80
+    assert set(curve) == {0, 40, 80}
+    assert curve[80] > curve[0] + 0.05, curve
+    assert all(summary[k] is not None for k in SUMMARY_KEYS), summary
+    assert -1 <= summary["baseline_identity_cosine"] <= 1 and -1 <= summary["baseline_ridge_cosine"] <= 1
+    decoded = json.loads((out / "decoded" / "step_00000080.json").read_text())
+    assert decoded and set(decoded[0]) == {"input", "decoded", "target"}
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, small_data):
+    full, full_out = train(tmp_path, small_data, "full", max_steps=8, checkpoint_every=4, val_every=4)
+    middle = full_out / "checkpoints" / "step_00000004"
+    resumed, resumed_out = train(tmp_path, small_data, "resumed", resume_from=middle,
+                                 max_steps=8, checkpoint_every=4, val_every=4)
+    a, b = losses(full_out), losses(resumed_out)
+    assert sorted(b) == [5, 6, 7, 8]
+    for step in b:
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), step
+    assert resumed["val_cosine"] == pytest.approx(full["val_cosine"], rel=1e-6)
+
+
+def test_checkpoint_round_trip_restores_the_model(tmp_path):
+    torch.manual_seed(0)
+    model = EnergyLattice(preset("smoke")).eval()
+    save_checkpoint(tmp_path / "ckpt", {"model": model.state_dict(),
+                                        "model_config": dataclasses.asdict(model.cfg)})
+    loaded = load_model(tmp_path / "ckpt")
+    x = torch.nn.functional.normalize(torch.randn(3, 384), dim=-1)
+    torch.manual_seed(5)
+    expected = model(x).embedding
+    torch.manual_seed(5)
+    torch.testing.assert_close(loaded(x).embedding, expected)
+
+
+def test_checkpoint_from_another_lattice_is_refused_naming_the_fields(tmp_path, small_data):
+    _, out = train(tmp_path, small_data, max_steps=2, checkpoint_every=2)
+    ckpt = list_checkpoints(out / "checkpoints")[-1]
+    other = dataclasses.replace(preset("smoke"), width=10, carrier_hidden=64)
+    with pytest.raises(CheckpointError) as err:
+        check_compatible(load_checkpoint(ckpt), other)
+    assert "width: checkpoint 8 vs config 10" in str(err.value)
+    assert "carrier_hidden: checkpoint 32 vs config 64" in str(err.value)
+    assert "height" not in str(err.value)
+    with pytest.raises(CheckpointError, match="width"):
+        train(tmp_path, small_data, "other", resume_from=ckpt, max_steps=3, **{"model.width": 10})
+
+
+def test_truncated_checkpoint_gives_a_clear_error(tmp_path, small_data):
+    _, out = train(tmp_path, small_data, max_steps=2, checkpoint_every=2)
+    state_file = list_checkpoints(out / "checkpoints")[-1] / "state.pt"
+    state_file.write_bytes(state_file.read_bytes()[: state_file.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(state_file.parent)
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path):
+    good = {"model": {"w": torch.ones(3)}, "model_config": {}}
+    save_checkpoint(tmp_path / "ckpt", good)
+    with pytest.raises(Exception):
+        save_checkpoint(tmp_path / "ckpt", {"model": {"w": torch.zeros(3)}, "oops": lambda: None})
+    assert torch.equal(load_checkpoint(tmp_path / "ckpt")["model"]["w"], torch.ones(3))
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["state.pt"]
+
+
+def test_non_finite_loss_stops_as_diverged_and_keeps_the_last_good_checkpoint(tmp_path, small_data):
+    summary, out = train(tmp_path, small_data, max_steps=10, checkpoint_every=2, val_every=2,
+                         fault_nan_loss_at_step=5)
+    assert summary["status"] == "diverged"
+    assert summary["steps"] == 4
+    assert [p.name for p in list_checkpoints(out / "checkpoints")][-1] == "step_00000004"
+    assert summary["checkpoint"].endswith("step_00000004")
+    state = load_checkpoint(summary["checkpoint"])
+    assert state["step"] == 4
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert max(losses(out)) == 4  # nothing was logged for the bad step
