@@ -17,10 +17,11 @@ from model.config import ConfigError
 
 from .checkpoint import CheckpointError
 from .data import DatasetError
+from .tracking import TrackingConfigError
 from .teacher import DEFAULT_TEACHER
 
 EXIT_USAGE = 2
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, FileNotFoundError, ValueError)
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, TrackingConfigError, FileNotFoundError, ValueError)
 
 
 class UserError(Exception):
@@ -66,32 +67,108 @@ def _train_config(args):
     return make_config(args.preset, overrides)
 
 
-def cmd_train(args) -> int:
-    cfg = _train_config(args)  # validate before anything slow starts
-    if not args.local:
-        raise UserError("train without --local runs on Ray Train, which this build does not have yet; "
-                        "add --local")
-    from .context import FileTracker, LocalContext
-    from .train import SUMMARY_KEYS, train_loop
+def _print_summary(summary: dict[str, Any], title: str) -> None:
+    from .train import SUMMARY_KEYS
+    print(f"\n{title}: status {summary['status']} after {summary['steps']} steps")
+    for key in SUMMARY_KEYS[2:-1]:
+        print(f"  {key:26s} {_fmt(summary.get(key))}")
+    print(f"  {'baseline_ridge_top1':26s} {_fmt(summary.get('baseline_ridge_top1'))}")
 
+
+def _print_mlflow(summary: dict[str, Any]) -> None:
+    if summary.get("mlflow_run_id"):
+        print(f"\n  MLflow run   {summary['mlflow_run_id']}   registered energy-lattice version "
+              f"{summary.get('model_version')}")
+        uri = summary["tracking_uri"]
+        ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith(("sqlite:", "file:")) else uri
+        print(f"  browse       {ui}")
+
+
+def _train_local(cfg, args) -> int:
+    from .context import FileTracker, LocalContext, TrackerGroup
+    from .train import train_loop
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     _setup_logging(out / "train.log")
     ctx = LocalContext(out, resume_from=args.resume, keep=cfg.keep_checkpoints)
-    summary = train_loop(cfg, ctx, FileTracker(out))
+    tracker, run_id, uri = FileTracker(out), None, None
+    if not args.no_mlflow:
+        from model.config import flatten
+
+        from .tracking import MlflowTracker, resolve_tracking_uri, start_run
+        uri = resolve_tracking_uri(args.mlflow_uri)
+        run_id = start_run(uri, args.experiment, out.name, params=flatten(cfg), tags=_run_tags(cfg, 1))
+        tracker = TrackerGroup(tracker, MlflowTracker(uri, run_id))
+    summary = train_loop(cfg, ctx, tracker)
+    if run_id:
+        from .tracking import finish_run
+        summary["model_version"] = finish_run(uri, run_id, summary["status"], ctx.best_checkpoint(),
+                                              tags=_run_tags(cfg, 1))
+        summary.update(mlflow_run_id=run_id, tracking_uri=uri)
     summary["out_dir"] = str(out)
     _write_json(out / "summary.json", summary)
     if args.summary_json:
         _write_json(args.summary_json, summary)
-
-    print(f"\n{cfg.preset}: status {summary['status']} after {summary['steps']} steps")
-    for key in SUMMARY_KEYS[2:-1]:
-        print(f"  {key:26s} {_fmt(summary.get(key))}")
-    print(f"  {'baseline_ridge_top1':26s} {_fmt(summary.get('baseline_ridge_top1'))}")
+    _print_summary(summary, cfg.preset)
     print(f"\n  checkpoint   {summary['checkpoint']}")
     print(f"  summary      {args.summary_json or out / 'summary.json'}")
-    print(f"  metrics      {out / 'metrics.jsonl'}   decoded examples {out / 'decoded'}")
+    print(f"  metrics      {out / 'metrics.jsonl'}   decoded examples {out / 'decoded'}   plots {out / 'plots'}")
     print(f"  log          {out / 'train.log'}")
+    _print_mlflow(summary)
     return 0 if summary["status"] == "completed" else 1
+
+
+def _run_tags(cfg, workers: int) -> dict[str, str]:
+    m = cfg.model
+    return {"preset": cfg.preset, "lattice": f"{m.width}x{m.height}x{m.depth}", "workers": str(workers),
+            "precision": m.precision}
+
+
+def _train_ray(cfg, args) -> int:
+    from .ray_train import Launch, run_ray_train
+    _setup_logging()
+    launch = Launch(workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                    gpus_per_worker=args.gpus_per_worker, storage=args.storage, tracking_uri=args.mlflow_uri,
+                    experiment=args.experiment, run_name=args.name, address=args.address,
+                    max_failures=args.max_failures)
+    summary = run_ray_train(cfg, launch)
+    if args.summary_json:
+        _write_json(args.summary_json, summary)
+    _print_summary(summary, f"{cfg.preset} on {args.workers} Ray Train worker(s)")
+    print(f"\n  checkpoint   {summary.get('checkpoint')}")
+    print(f"  Ray run      {summary.get('ray_run_path')}")
+    if args.summary_json:
+        print(f"  summary      {args.summary_json}")
+    _print_mlflow(summary)
+    if summary.get("error"):
+        print(f"  error        {summary['error']}")
+    return 0 if summary["status"] == "completed" else 1
+
+
+def cmd_train(args) -> int:
+    cfg = _train_config(args)  # validate before anything slow starts
+    if args.workers < 1:
+        raise UserError(f"--workers={args.workers} must be at least 1")
+    return _train_local(cfg, args) if args.local else _train_ray(cfg, args)
+
+
+def cmd_load(args) -> int:
+    from model import count_parameters
+
+    from .tracking import load_registered_model
+    model = load_registered_model(args.model_uri, args.mlflow_uri)
+    m = model.cfg
+    print(f"loaded {args.model_uri}: lattice {m.width}x{m.height}x{m.depth}, carrier {m.carrier_hidden}x"
+          f"{m.carrier_layers}, {count_parameters(model):,} parameters")
+    if args.text:
+        import torch
+
+        from .teacher import Teacher
+        teacher = Teacher(args.teacher)
+        with torch.no_grad():
+            out = model(torch.from_numpy(teacher.embed([args.text])))
+        print(f"  {args.text!r} -> embedding of norm {float(out.embedding.norm()):.3f}, "
+              f"{out.stats.steps_used} flow steps, completion {out.stats.completion:.2f}")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,7 +206,27 @@ def build_parser() -> argparse.ArgumentParser:
                                      "checkpoints in it resumes from the newest")
     train.add_argument("--resume", help="checkpoint folder to resume from")
     train.add_argument("--summary-json", help="also write the run summary here")
+    ray_opts = train.add_argument_group("Ray Train (without --local)")
+    ray_opts.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP)")
+    ray_opts.add_argument("--cpus-per-worker", type=float, default=1.0)
+    ray_opts.add_argument("--gpus-per-worker", type=float, default=0.0, help="0: CPU workers (gloo)")
+    ray_opts.add_argument("--storage", help="folder or URI for Ray's checkpoints (default ./ray_results)")
+    ray_opts.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
+    ray_opts.add_argument("--max-failures", type=int, default=2, help="worker-group restarts Ray may make")
+    ray_opts.add_argument("--name", help="run name (default <preset>-<time>)")
+    tracking = train.add_argument_group("MLflow")
+    tracking.add_argument("--mlflow-uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    tracking.add_argument("--experiment", default="energy-lattice", help="MLflow experiment name")
+    tracking.add_argument("--no-mlflow", action="store_true", help="with --local: only write the run folder")
     train.set_defaults(func=cmd_train)
+
+    load = sub.add_parser("load", help="load a registered or saved model and check it runs")
+    load.add_argument("model_uri", help="models:/energy-lattice/<version>, models:/energy-lattice@<alias>, "
+                                        "or a checkpoint folder")
+    load.add_argument("--mlflow-uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    load.add_argument("--text", help="also run the model on this text's teacher embedding")
+    load.add_argument("--teacher", default=DEFAULT_TEACHER)
+    load.set_defaults(func=cmd_load)
 
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import META_FILE, list_checkpoints, save_checkpoint
+from .checkpoint import META_FILE, list_checkpoints, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,12 @@ class RunContext:
         """Data-parallel wrapping where there are several workers."""
         return model
 
-    def resume_checkpoint(self) -> Path | None:
+    def resume_state(self, device: torch.device) -> tuple[dict[str, Any], str] | None:
+        """(checkpoint state, where it came from) to resume from, or None for a fresh start."""
+        return None
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest checkpoint this context can name locally (None where storage is Ray's)."""
         return None
 
     def report(self, step: int, metrics: dict[str, float], checkpoint: dict[str, Any] | None) -> Path | None:
@@ -65,11 +70,15 @@ class LocalContext(RunContext):
         self.resume_from = Path(resume_from) if resume_from else None
         self.keep = keep
 
-    def resume_checkpoint(self) -> Path | None:
+    def latest_checkpoint(self) -> Path | None:
         if self.resume_from:
             return self.resume_from
         found = list_checkpoints(self.checkpoint_dir)
         return found[-1] if found else None
+
+    def resume_state(self, device):
+        path = self.latest_checkpoint()
+        return (load_checkpoint(path, map_location=device), str(path)) if path else None
 
     def report(self, step, metrics, checkpoint):
         if checkpoint is None:
@@ -141,6 +150,37 @@ class FileTracker(Tracker):
         if Path(path).resolve() != dest.resolve():
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, dest)
+
+
+class TrackerGroup(Tracker):
+    """Sends everything to several trackers (e.g. the run folder and MLflow)."""
+
+    def __init__(self, *trackers: Tracker):
+        self.trackers = trackers
+
+    def log_params(self, params):
+        for t in self.trackers:
+            t.log_params(params)
+
+    def set_tags(self, tags):
+        for t in self.trackers:
+            t.set_tags(tags)
+
+    def log_metrics(self, metrics, step):
+        for t in self.trackers:
+            t.log_metrics(metrics, step)
+
+    def log_table(self, rows, name):
+        for t in self.trackers:
+            t.log_table(rows, name)
+
+    def log_artifact(self, path, artifact_path=None):
+        for t in self.trackers:
+            t.log_artifact(path, artifact_path)
+
+    def finish(self, status, summary):
+        for t in self.trackers:
+            t.finish(status, summary)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

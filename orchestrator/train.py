@@ -14,9 +14,12 @@ good checkpoint stays where it is.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -29,11 +32,13 @@ from torch import nn
 from model import EnergyLattice, count_parameters, lattice_loss
 from model.config import flatten
 
-from .checkpoint import check_compatible, load_checkpoint
+from .checkpoint import check_compatible
 from .config import TrainConfig, config_from_dict, resolved
 from .context import LocalContext, RunContext, Tracker
 from .data import PairDataset, Split, ensure_corpus, load_dataset, shard
 from .evaluation import Decoded, baselines, evaluate, example_rows, text_metrics
+from .plots import make_plots
+from .tracking import log_config
 
 log = logging.getLogger(__name__)
 
@@ -203,10 +208,10 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
     stream = BatchStream(len(train_rows), cfg.batch_size, cfg.seed * 1009 + ctx.rank)
     step = 0
 
-    resume = ctx.resume_checkpoint()
-    if resume is not None:
-        state = load_checkpoint(resume, map_location=device)
-        check_compatible(state, cfg.model, source=f"checkpoint {resume}")
+    resumed = ctx.resume_state(device)
+    if resumed is not None:
+        state, source = resumed
+        check_compatible(state, cfg.model, source=f"checkpoint {source}")
         model.load_state_dict(state["model"])
         if "optimizer" in state:  # weights-only checkpoints (e.g. a previous stage) start a fresh optimizer
             optimizer.load_state_dict(state["optimizer"])
@@ -215,19 +220,24 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
             stream.load_state_dict(state["data"][ctx.rank] if ctx.rank < len(state["data"]) else state["data"][0])
             step = int(state["step"])
             _set_rng_state(state["rng"][min(ctx.rank, len(state["rng"]) - 1)])
-        log.info("resumed from %s at step %d", resume, step)
+        log.info("resumed from %s at step %d", source, step)
     ddp_model = ctx.wrap_model(model)
 
     base = baselines(data.train, val) if ctx.rank == 0 else {}
-    if step == 0 or resume is None:
+    # Which rows each rank trains on (count and fingerprint), so a run shows its sharding.
+    shards = _all_gather([ctx.rank, len(train_rows), _fingerprint(train_rows.input_texts)])
+    if step == 0:
         tracker.log_params(flatten(cfg))
+        log_config(tracker, asdict(cfg))
         tracker.set_tags({"preset": cfg.preset, "lattice": f"{cfg.model.width}x{cfg.model.height}x{cfg.model.depth}",
-                          "precision": cfg.model.precision, "workers": str(ctx.world_size)})
+                          "precision": cfg.model.precision, "workers": str(ctx.world_size),
+                          "data_shards": json.dumps(shards)})
         tracker.log_metrics({**base, "parameters": count_parameters(model)}, step=0)
     log.info("training %s: %d parameters, %d train rows on this worker, %d validation rows, device %s",
              cfg.preset, count_parameters(model), len(train_rows), len(val), device)
 
     status, last_val, validated_at, last_checkpoint = "completed", {}, None, None
+    loss_history: list[tuple[int, float]] = []
     if step == 0:  # the starting point every later validation is compared with
         last_val, _ = _validate(model, val, cfg, ctx, device)
         validated_at = 0
@@ -284,10 +294,11 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
                 "step_time_s": elapsed / max(1, window_samples // (cfg.batch_size * n_micro * ctx.world_size)),
                 "peak_mem_gb": peak}, step=step)
             window_start, window_samples = time.perf_counter(), 0
+            loss_history.append((step, loss_value))
 
         final = step == cfg.max_steps
-        validate_now = final or step % cfg.val_every == 0
         checkpoint_now = final or step % cfg.checkpoint_every == 0
+        validate_now = checkpoint_now or step % cfg.val_every == 0  # every checkpoint carries its score
         if validate_now:
             last_val, texts = _validate(model, val, cfg, ctx, device)
             validated_at = step
@@ -316,8 +327,12 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
 
     if validated_at is None:  # resumed a run that had already finished: report where it stands
         last_val, _ = _validate(model, val, cfg, ctx, device)
-    if last_checkpoint is None and isinstance(ctx, LocalContext):
-        last_checkpoint = ctx.resume_checkpoint()  # diverged before writing one: the last good one
+    last_checkpoint = last_checkpoint or ctx.latest_checkpoint()  # e.g. diverged: the last good one
+    if ctx.rank == 0 and len(val):
+        with tempfile.TemporaryDirectory() as tmp:
+            sample = torch.from_numpy(val.input_emb[:1]).to(device)
+            for path in make_plots(model, sample, loss_history, tmp):
+                tracker.log_artifact(path, "plots")
     summary = {
         "status": status, "steps": step,
         "val_cosine": last_val.get("val_cosine"), "val_top1": last_val.get("val_top1"),
@@ -328,7 +343,12 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
         **{k: v for k, v in base.items()},
     }
     tracker.finish(status, summary)
+    ctx.report(step, summary, None)  # every rank, so the launcher learns how the run ended
     return summary
+
+
+def _fingerprint(texts: list[str]) -> str:
+    return hashlib.sha1("\n".join(texts).encode()).hexdigest()[:12]
 
 
 def _decode_examples(model: EnergyLattice, val: Split, cfg: TrainConfig, device: torch.device) -> list[str]:

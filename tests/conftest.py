@@ -21,3 +21,27 @@ def small_data(corpus_path):
     """The first 1,200 corpus rows, split as training would split them."""
     from orchestrator.data import load_dataset
     return load_dataset(corpus_path, embed_dim=384, max_rows=1200)
+
+
+@pytest.fixture(scope="session")
+def ray_instance():
+    """One embedded Ray instance for every Ray test (started the way the CLI starts it)."""
+    import ray
+
+    from orchestrator.ray_train import connect
+    # Logical CPUs beyond the 2 physical ones, so a 2-worker trainer and its controller always fit.
+    connect(num_cpus=4)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def quick_config(corpus_path):
+    """A function making the smoke preset's config cut down to seconds per run."""
+    from orchestrator.config import make_config
+
+    def make(**overrides):
+        return make_config("smoke", {"data_path": str(corpus_path), "max_rows": 600, "val_max_samples": 32,
+                                     "batch_size": 8, "warmup_steps": 2, "log_every": 1, "val_every": 4,
+                                     "checkpoint_every": 4, **overrides})
+    return make

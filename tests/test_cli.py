@@ -12,22 +12,27 @@ from orchestrator.train import SUMMARY_KEYS
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ})
+def cli(*args, cwd, timeout=300):
+    """Run the CLI in `cwd` (local runs write mlflow.db there) with this checkout importable."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env)
 
 
 def test_train_local_writes_the_summary_json(tmp_path, corpus_path):
     summary_file = tmp_path / "summary.json"
     result = cli("train", "--local", "--preset", "smoke", "--max-steps", "3", "--data", str(corpus_path),
                  "--set", "max_rows=400", "--set", "val_max_samples=32", "--set", "batch_size=8",
-                 "--out", str(tmp_path / "run"), "--summary-json", str(summary_file))
+                 "--out", str(tmp_path / "run"), "--summary-json", str(summary_file), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(summary_file.read_text())
     assert set(SUMMARY_KEYS) <= set(summary)
     assert summary["status"] == "completed" and summary["steps"] == 3
     assert (tmp_path / "run" / "checkpoints" / "step_00000003" / "state.pt").exists()
     assert str(summary_file) in result.stdout and "checkpoint" in result.stdout
+    assert summary["mlflow_run_id"] and summary["model_version"]  # local runs are tracked too
+    assert (tmp_path / "mlflow.db").exists() and "mlflow ui --backend-store-uri sqlite:///" in result.stdout
+    assert {p.name for p in (tmp_path / "run" / "plots").iterdir()} >= {"loss_curve.png", "output_surfaces.png"}
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -39,10 +44,27 @@ def test_train_local_writes_the_summary_json(tmp_path, corpus_path):
     (["--set", "no_such_field=3"], "unknown config field 'no_such_field'"),
     (["--preset", "huge"], "invalid choice: 'huge'"),
     (["--data", "/nonexistent/pairs.parquet"], "dataset /nonexistent/pairs.parquet does not exist"),
+    (["--workers", "0"], "--workers=0 must be at least 1"),
 ])
-def test_bad_input_exits_2_with_one_line_naming_the_problem(args, needle):
-    result = cli("train", "--local", "--preset", "smoke", *args, timeout=120)
+def test_bad_input_exits_2_with_one_line_naming_the_problem(args, needle, tmp_path):
+    result = cli("train", "--local", "--preset", "smoke", *args, cwd=tmp_path, timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
+    assert not list(tmp_path.iterdir()), "a refused command must not leave anything behind"
+
+
+
+def test_load_reports_a_missing_store_or_version_in_one_line(tmp_path):
+    store = f"sqlite:///{tmp_path / 'm.db'}"
+    result = cli("load", "models:/energy-lattice/999", "--mlflow-uri", store, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and not (tmp_path / "m.db").exists()
+    assert result.stderr.strip() == f"error: cannot load models:/energy-lattice/999: no MLflow store at {store}"
+
+    from mlflow import MlflowClient
+    MlflowClient(store).search_experiments()  # creates the (empty) store
+    result = cli("load", "models:/energy-lattice/999", "--mlflow-uri", store, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot load models:/energy-lattice/999")
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,78 @@
+"""Plots logged with every run: the two output surfaces of a validation sample, a few of its flow
+paths projected on x-z, its completion-vs-step curve, and the training loss curve."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: workers and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from model import EnergyLattice  # noqa: E402
+
+
+@torch.no_grad()
+def make_plots(model: EnergyLattice, sample_embedding: torch.Tensor, losses: list[tuple[int, float]],
+               out_dir: str | Path, max_paths: int = 12) -> list[Path]:
+    """Write the four PNGs into `out_dir` and return their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        out = model(sample_embedding[:1], trace=True)
+    model.train(was_training)
+    paths = []
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
+    planes = out.planes[0].float().cpu().numpy()
+    for ax, plane, title in zip(axes, planes, ("plane z = -1", "plane z = +1")):
+        im = ax.imshow(plane, cmap="magma", origin="lower")
+        ax.set_title(title)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle("deposited energy, one validation sample")
+    paths.append(_save(fig, out_dir / "output_surfaces.png"))
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    steps = out.trace.sample0_paths
+    if steps:
+        first_ids = steps[0][0][torch.linspace(0, len(steps[0][0]) - 1, max_paths).long().unique()]
+        start = {int(i): (-1 + 2 * (int(i) % model.cfg.width) / (model.cfg.width - 1), 0.0) for i in first_ids}
+        for flow in first_ids.tolist():
+            xs, zs = [start[flow][0]], [start[flow][1]]
+            for ids, pos in steps:
+                hit = (ids == flow).nonzero()
+                if len(hit):
+                    xs.append(float(pos[hit[0, 0], 0]))
+                    zs.append(float(pos[hit[0, 0], 2]))
+            ax.plot(xs, zs, marker=".", linewidth=1)
+    ax.axhline(-1, color="grey", linestyle="--")
+    ax.axhline(1, color="grey", linestyle="--")
+    ax.set(xlabel="x", ylabel="z", xlim=(-1.05, 1.05), ylim=(-1.1, 1.1), title="flow paths (x-z)")
+    paths.append(_save(fig, out_dir / "flow_paths_xz.png"))
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    curve = out.stats.completion_curve
+    ax.plot(range(1, len(curve) + 1), curve, marker="o")
+    ax.axhline(model.cfg.convergence_threshold, color="grey", linestyle="--", label="threshold")
+    ax.set(xlabel="flow step", ylabel="completion (arrived / created)", ylim=(0, 1.05),
+           title=f"completion ({out.stats.stop_reason} after {out.stats.steps_used} steps)")
+    ax.legend()
+    paths.append(_save(fig, out_dir / "completion_curve.png"))
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    if losses:
+        ax.plot([s for s, _ in losses], [v for _, v in losses])
+    ax.set(xlabel="step", ylabel="training loss (1 - cosine)", title="loss")
+    paths.append(_save(fig, out_dir / "loss_curve.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,182 @@
+"""Ray Train: `train_loop` in every worker of a `TorchTrainer` (Ray 2.60, Train V2).
+
+The driver (this process) connects to Ray, creates the MLflow run, and launches the workers; rank 0
+logs into that run by id. DDP runs over gloo on CPU and NCCL on GPU (Ray sets up the process group),
+each worker trains on its own shard of the training rows, Ray restarts the worker group from the
+latest reported checkpoint after a failure (`FailureConfig(max_failures)`), and keeps the best k
+checkpoints by validation cosine (`CheckpointConfig`). When training ends, the driver registers
+the best checkpoint as a new version of the MLflow model `energy-lattice`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig, flatten, resolved
+from .context import RunContext
+from .tracking import (MlflowTracker, check_tracking_uri, finish_run, read_summary, resolve_tracking_uri,
+                       start_run)
+from .train import train_loop
+
+log = logging.getLogger(__name__)
+
+
+def connect(address: str | None = None, **init_kwargs: Any) -> None:
+    """Join the cluster at `address` / RAY_ADDRESS (as `ray job submit` sets it), else start an
+    embedded local Ray whose dashboard listens on 127.0.0.1 only. Token auth is left as Ray sets
+    it: on by default for a new local instance, and whatever the cluster uses when joining one."""
+    import ray
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **init_kwargs)
+    else:
+        ray.init(dashboard_host="127.0.0.1", **init_kwargs)
+
+
+def alive_node_count() -> int:
+    import ray
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+class RayTrainContext(RunContext):
+    """A Ray Train worker: rank and device from Ray, checkpoints reported to Ray's storage."""
+
+    def __init__(self, fault_dir: str | None = None):
+        import ray.train
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self._fault_dir = fault_dir
+
+    def device(self, requested: str) -> torch.device:
+        import ray.train.torch
+        return ray.train.torch.get_device()
+
+    def wrap_model(self, model):
+        import ray.train.torch
+        return ray.train.torch.prepare_model(model, move_to_device=False) if self.world_size > 1 else model
+
+    def resume_state(self, device):
+        import ray.train
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return load_checkpoint(folder, map_location=device), checkpoint.path
+
+    def report(self, step, metrics, checkpoint):
+        import ray.train
+        if checkpoint is None:
+            ray.train.report(metrics)
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(tmp, checkpoint, meta={"step": step, "metrics": metrics})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"step_{step:08d}")
+        return None
+
+    def fault_marker_dir(self):
+        return Path(self._fault_dir) if self._fault_dir else None
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    """The function every Ray Train worker runs (again, after a restart)."""
+    run = config["run"]
+    ctx = RayTrainContext(run["fault_dir"])
+    tracker = MlflowTracker(run["tracking_uri"], run["mlflow_run_id"]) if ctx.rank == 0 else None
+    train_loop(config["train"], ctx, tracker)
+
+
+@dataclass
+class Launch:
+    """How and where to run: everything about a training job that is not the model or optimizer."""
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    storage: str | None = None          # local folder or URI for Ray's checkpoints (default ./ray_results)
+    tracking_uri: str | None = None     # MLflow; default sqlite:///mlflow.db
+    experiment: str = "energy-lattice"
+    run_name: str | None = None
+    address: str | None = None
+    max_failures: int = 2
+    parent_run_id: str | None = None    # nest the MLflow run under this one (sweeps, scaling jobs)
+    model_alias: str | None = None      # registry alias for the registered version
+
+
+def _storage_path(storage: str | None) -> str:
+    if storage and "://" in storage:
+        return storage
+    return str(Path(storage or "ray_results").resolve())
+
+
+def run_ray_train(cfg: TrainConfig, launch: Launch) -> dict[str, Any]:
+    """Train with a TorchTrainer; return the summary with `mlflow_run_id` and `model_version`."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .data import ensure_corpus
+    from .teacher import Teacher
+
+    connect(launch.address)
+    uri = resolve_tracking_uri(launch.tracking_uri)
+    check_tracking_uri(uri, alive_node_count())
+    if cfg.data_path is None:  # build the corpus once here, not in every worker
+        cfg = dataclasses.replace(cfg, data_path=str(ensure_corpus(teacher=Teacher(cfg.teacher))))
+    cfg = resolved(dataclasses.replace(cfg, data_path=str(Path(cfg.data_path).resolve())))
+    run_name = launch.run_name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = _storage_path(launch.storage)
+    lattice = f"{cfg.model.width}x{cfg.model.height}x{cfg.model.depth}"
+    tags = {"preset": cfg.preset, "lattice": lattice, "workers": str(launch.workers),
+            "precision": cfg.model.precision, "ray_train_run": run_name}
+    run_id = start_run(uri, launch.experiment, run_name, params=flatten(cfg), tags=tags,
+                       parent_run_id=launch.parent_run_id)
+    log.info("MLflow run %s in experiment %r at %s", run_id, launch.experiment, uri)
+
+    resources = {"CPU": launch.cpus_per_worker, **({"GPU": launch.gpus_per_worker} if launch.gpus_per_worker else {})}
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"train": dataclasses.asdict(cfg),
+                           "run": {"tracking_uri": uri, "mlflow_run_id": run_id,
+                                   "fault_dir": str(Path(storage) / run_name) if "://" not in storage else None}},
+        scaling_config=ScalingConfig(num_workers=launch.workers, use_gpu=launch.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage,
+            failure_config=FailureConfig(max_failures=launch.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+                                               checkpoint_score_attribute="val_cosine",
+                                               checkpoint_score_order="max")))
+    try:
+        result, error = trainer.fit(), None
+    except Exception as e:  # Ray raises once max_failures restarts are used up
+        result, error = None, e
+        log.error("training failed: %s", e)
+    final = read_summary(uri, run_id) or {}
+    status = "failed" if error else final.get("status", "failed")
+
+    best, version = None, None
+    checkpoints = result.best_checkpoints if result is not None else []
+    if checkpoints:
+        best, best_metrics = max(checkpoints, key=lambda cm: cm[1].get("val_cosine", float("-inf")))
+        with best.as_directory() as folder:
+            version = finish_run(uri, run_id, status, folder, alias=launch.model_alias, tags={
+                **tags, "step": str(best_metrics.get("step")),
+                "val_cosine": f"{best_metrics.get('val_cosine', float('nan')):.4f}"})
+    else:
+        finish_run(uri, run_id, status, None, tags=tags)
+    summary = {**final, "status": status, "mlflow_run_id": run_id, "model_version": version,
+               "checkpoint": best.path if best else None, "tracking_uri": uri,
+               "ray_run_path": str(Path(storage) / run_name) if "://" not in storage else f"{storage}/{run_name}"}
+    if error is not None:
+        summary["error"] = str(error).splitlines()[0]
+    return summary

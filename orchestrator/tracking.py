@@ -1,0 +1,224 @@
+"""MLflow: where runs, metrics, artifacts and versioned checkpoints go.
+
+The embedded default is `sqlite:///mlflow.db` in the working directory (artifacts in `./mlruns`);
+any `http://` server works by flag or `MLFLOW_TRACKING_URI`. A file or SQLite store lives on one
+machine, so on a cluster of more than one node it is refused: workers elsewhere could not write it.
+
+Runs are created by the driver (the process that launches training) and written to by rank 0, by
+run id. The best checkpoint of a run becomes a new version of the registered model
+`energy-lattice`, loadable with `load_registered_model("models:/energy-lattice/<version>")`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .context import Tracker
+
+log = logging.getLogger(__name__)
+
+REGISTERED_MODEL = "energy-lattice"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class TrackingConfigError(ValueError):
+    """A tracking URI that cannot work where the job runs."""
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """Flag, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; local paths made absolute so that
+    workers with another working directory write to the same store."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    if "://" not in uri:  # a plain folder is MLflow's file store
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
+def is_local_store(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def check_tracking_uri(uri: str, node_count: int) -> None:
+    """Refuse a single-machine store (file or SQLite) when the cluster has more than one node."""
+    if node_count > 1 and is_local_store(uri):
+        raise TrackingConfigError(
+            f"MLflow tracking URI {uri} is a file/SQLite store on one machine, but the Ray cluster has "
+            f"{node_count} nodes; start an MLflow server the workers can reach (mlflow server --host 0.0.0.0 "
+            f"--port 5000 --backend-store-uri sqlite:///mlflow.db) and pass --mlflow-uri http://HOST:5000")
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+    return MlflowClient(tracking_uri=uri)
+
+
+def start_run(uri: str, experiment: str, run_name: str, *, params: dict[str, Any], tags: dict[str, str],
+              parent_run_id: str | None = None) -> str:
+    """Create a run (nested under `parent_run_id` if given) with its params and tags; return its id."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    experiment_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    all_tags = {"git_commit": git_commit(), **tags}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    log_params(client, run.info.run_id, params)
+    return run.info.run_id
+
+
+def log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for start in range(0, len(items), 100):  # MLflow's batch limit
+        client.log_batch(run_id, params=items[start:start + 100])
+
+
+def end_run(uri: str, run_id: str, status: str) -> None:
+    """Close a run; training statuses map onto MLflow's FINISHED / FAILED."""
+    _client(uri).set_terminated(run_id, "FINISHED" if status == "completed" else "FAILED")
+
+
+class MlflowTracker(Tracker):
+    """Logs into an existing run by id (rank 0 of a job).
+
+    After a restart the loop replays steps since the last checkpoint; resume is exact, so those
+    steps would log the same values again. Steps already in the run's history are skipped per
+    metric, which keeps the history free of gaps and duplicates.
+    """
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+        self.client = _client(uri)
+        self._last_logged: dict[str, int] = {}
+        run = self.client.get_run(run_id)
+        for key in run.data.metrics:
+            history = self.client.get_metric_history(run_id, key)
+            self._last_logged[key] = max((m.step for m in history), default=-1)
+
+    def log_params(self, params):
+        existing = self.client.get_run(self.run_id).data.params
+        log_params(self.client, self.run_id, {k: v for k, v in params.items() if k not in existing})
+
+    def set_tags(self, tags):
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
+    def log_metrics(self, metrics, step):
+        import time
+
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        fresh = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if v is not None and step > self._last_logged.get(k, -1)]
+        if fresh:
+            self.client.log_batch(self.run_id, metrics=fresh)
+            for m in fresh:
+                self._last_logged[m.key] = step
+
+    def log_table(self, rows, name):
+        if rows:
+            self.client.log_table(self.run_id, {k: [r[k] for r in rows] for k in rows[0]}, name)
+
+    def log_artifact(self, path, artifact_path=None):
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, status, summary):
+        # The launcher reads the summary back from here: it may run on another node than rank 0.
+        self.client.log_dict(self.run_id, summary, "summary.json")
+        self.client.set_tag(self.run_id, "status", status)
+
+
+def read_summary(uri: str, run_id: str) -> dict[str, Any] | None:
+    """The summary rank 0 logged at the end of training, or None if it never got that far."""
+    import json
+
+    from mlflow.exceptions import MlflowException
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            return json.loads(Path(_client(uri).download_artifacts(run_id, "summary.json", tmp)).read_text())
+    except (MlflowException, OSError):
+        return None
+
+
+def log_config(tracker: Tracker, config: dict[str, Any]) -> None:
+    """The resolved config as `config.yaml` artifact."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        tracker.log_artifact(path)
+
+
+def register_checkpoint(uri: str, run_id: str, checkpoint_dir: str | Path, *, tags: dict[str, str],
+                        alias: str | None = None, artifact_path: str = "checkpoints/best") -> str:
+    """Log a checkpoint folder into the run and register it as a new version of `energy-lattice`."""
+    client = _client(uri)
+    client.log_artifacts(run_id, str(checkpoint_dir), artifact_path)
+    from mlflow.exceptions import MlflowException
+    try:
+        client.create_registered_model(REGISTERED_MODEL, description="energy-flow lattice checkpoints")
+    except MlflowException:
+        pass  # already registered
+    version = client.create_model_version(REGISTERED_MODEL, source=f"runs:/{run_id}/{artifact_path}",
+                                          run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+    if alias:
+        client.set_registered_model_alias(REGISTERED_MODEL, alias, version.version)
+    client.set_tag(run_id, "model_version", version.version)
+    log.info("registered %s version %s from run %s", REGISTERED_MODEL, version.version, run_id)
+    return str(version.version)
+
+
+def finish_run(uri: str, run_id: str, status: str, best_checkpoint: str | Path | None, *,
+               tags: dict[str, str], alias: str | None = None) -> str | None:
+    """Register the run's best checkpoint (if any) and close the run; return the model version."""
+    version = None
+    if best_checkpoint is not None:
+        version = register_checkpoint(uri, run_id, best_checkpoint, tags={**tags, "run_id": run_id}, alias=alias)
+    end_run(uri, run_id, status)
+    return version
+
+
+def download_checkpoint(model_uri: str, tracking_uri: str | None = None) -> Path:
+    """The checkpoint folder behind `models:/<name>/<version>` or `models:/<name>@<alias>`, downloaded."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise TrackingConfigError(f"cannot load {model_uri}: no MLflow store at {uri}")
+    ref = model_uri.removeprefix("models:/")
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            version = _client(uri).get_model_version_by_alias(name, alias).version
+        else:
+            name, _, version = ref.partition("/")
+        source = _client(uri).get_model_version_download_uri(name, version)
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri))
+    except MlflowException as e:
+        raise TrackingConfigError(f"cannot load {model_uri} from {uri}: {e.message.splitlines()[0]}") from None
+
+
+def load_registered_model(model_uri: str, tracking_uri: str | None = None):
+    """An EnergyLattice (eval mode) from `models:/energy-lattice/<version>` or a checkpoint folder."""
+    from .checkpoint import load_model
+    path = download_checkpoint(model_uri, tracking_uri) if model_uri.startswith("models:/") else Path(model_uri)
+    return load_model(path)

@@ -1,0 +1,146 @@
+"""Ray Train + MLflow with real parts: the shared local Ray instance, SQLite MLflow stores, and one
+real `mlflow server` process."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from orchestrator.checkpoint import load_model
+from orchestrator.ray_train import Launch, run_ray_train
+from orchestrator.tracking import TrackingConfigError, check_tracking_uri, load_registered_model
+
+pytestmark = pytest.mark.ray
+
+
+def launch(tmp_path, **kw):
+    return Launch(storage=str(tmp_path / "ray"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                  experiment="tests", **kw)
+
+
+def history_steps(client, run_id, key):
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def test_two_workers_train_on_their_own_shards_and_rank0_logs_a_complete_run(tmp_path, ray_instance,
+                                                                             quick_config):
+    cfg = quick_config(max_steps=8)
+    summary = run_ray_train(cfg, launch(tmp_path, workers=2))
+    assert summary["status"] == "completed" and summary["steps"] == 8
+
+    client = MlflowClient(summary["tracking_uri"])
+    run = client.get_run(summary["mlflow_run_id"])
+    shards = json.loads(run.data.tags["data_shards"])
+    assert [s[0] for s in shards] == [0, 1]
+    assert shards[0][2] != shards[1][2], "both workers got the same rows"
+    assert abs(shards[0][1] - shards[1][1]) <= 1
+    # one logger: every logged step appears exactly once
+    assert history_steps(client, run.info.run_id, "loss") == list(range(1, 9))
+    assert history_steps(client, run.info.run_id, "val_cosine") == [0, 4, 8]
+    assert run.data.params["model.width"] == "8" and run.data.params["lr"] == str(cfg.lr)
+    assert {"preset", "lattice", "workers", "precision", "git_commit"} <= set(run.data.tags)
+    assert run.data.tags["workers"] == "2" and run.data.tags["lattice"] == "8x8x8"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "plots", "decoded", "checkpoints"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {f"plots/{n}.png" for n in ("output_surfaces", "flow_paths_xz", "completion_curve", "loss_curve")}
+
+    version = client.get_model_version("energy-lattice", summary["model_version"])
+    assert version.run_id == run.info.run_id and version.tags["lattice"] == "8x8x8"
+    assert version.tags["preset"] == "smoke"
+    registered = load_registered_model(f"models:/energy-lattice/{summary['model_version']}", summary["tracking_uri"])
+    trained = load_model(summary["checkpoint"])
+    x = torch.nn.functional.normalize(torch.randn(4, 384), dim=-1)
+    torch.manual_seed(0)
+    expected = trained(x).embedding
+    torch.manual_seed(0)
+    torch.testing.assert_close(registered(x).embedding, expected, rtol=0, atol=0)
+
+
+def test_a_worker_killed_mid_run_is_restarted_without_losing_or_repeating_steps(tmp_path, ray_instance,
+                                                                               quick_config):
+    cfg = quick_config(max_steps=10, fault_crash_at_step=7)
+    summary = run_ray_train(cfg, launch(tmp_path, workers=2, max_failures=2))
+    assert summary["status"] == "completed" and summary["steps"] == 10
+    assert list((tmp_path / "ray").rglob(".fault-crash-at-7")), "the fault never fired"
+    client = MlflowClient(summary["tracking_uri"])
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]]
+    assert history_steps(client, summary["mlflow_run_id"], "loss") == list(range(1, 11))
+    assert history_steps(client, summary["mlflow_run_id"], "val_cosine") == [0, 4, 8, 10]
+
+
+def test_non_finite_loss_ends_the_run_as_diverged_with_the_last_good_checkpoint(tmp_path, ray_instance,
+                                                                                quick_config):
+    cfg = quick_config(max_steps=12, fault_nan_loss_at_step=6)
+    summary = run_ray_train(cfg, launch(tmp_path, workers=1))
+    assert summary["status"] == "diverged" and summary["steps"] == 5
+    state = torch.load(f"{summary['checkpoint']}/state.pt", weights_only=True)
+    assert state["step"] == 4
+    client = MlflowClient(summary["tracking_uri"])
+    assert client.get_run(summary["mlflow_run_id"]).info.status == "FAILED"
+
+
+@pytest.mark.parametrize("uri", ["sqlite:////tmp/mlflow.db", "file:///tmp/mlruns", "/tmp/mlruns"])
+def test_single_machine_tracking_store_is_refused_on_a_multi_node_cluster(uri):
+    check_tracking_uri(uri, node_count=1)
+    with pytest.raises(TrackingConfigError, match="2 nodes; start an MLflow server"):
+        check_tracking_uri(uri, node_count=2)
+    check_tracking_uri("http://mlflow.internal:5000", node_count=2)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                             "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                MlflowClient(uri).search_experiments()
+                break
+            except Exception:
+                time.sleep(1)
+        else:
+            pytest.fail("mlflow server did not come up")
+        yield uri
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_training_against_a_real_mlflow_server(tmp_path, mlflow_server, corpus_path):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "train", "--local", "--preset", "smoke", "--max-steps", "3",
+         "--data", str(corpus_path), "--set", "max_rows=400", "--set", "val_max_samples=32",
+         "--set", "batch_size=8", "--out", str(out), "--mlflow-uri", mlflow_server, "--experiment", "served",
+         "--summary-json", str(tmp_path / "summary.json")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["model.width"] == "8"
+    assert history_steps(client, run.info.run_id, "val_cosine") == [0, 3]
+    assert "plots" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    model = load_registered_model(f"models:/energy-lattice/{summary['model_version']}", mlflow_server)
+    assert model.cfg.width == 8
+    assert not (tmp_path / "mlflow.db").exists(), "nothing may fall back to the local store"
