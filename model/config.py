@@ -159,7 +159,7 @@ def _field_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _base_type(tp) -> tuple[type, bool]:
+def base_type(tp) -> tuple[type, bool]:
     """(the concrete type, whether None is allowed) of an annotation like `int | None`."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -173,7 +173,7 @@ def _parse_range(spec: str) -> tuple[float, float, bool, bool]:
 
 
 def _check_value(name: str, value: Any, tp, meta: dict) -> None:
-    base, optional = _base_type(tp)
+    base, optional = base_type(tp)
     if value is None:
         if optional:
             return
@@ -208,8 +208,8 @@ def validate(cfg, prefix: str = "") -> None:
             _check_value(prefix + f.name, value, hints[f.name], f.metadata)
 
 
-def parse_value(cfg_cls, key: str, text: str) -> Any:
-    """Turn the text of `--set key=text` into the field's type (`none` means None)."""
+def field_spec(cfg_cls, key: str) -> tuple[Any, dict]:
+    """(type annotation, knob metadata) of a field by dotted path; ConfigError if there is none."""
     cls, name = cfg_cls, key
     while "." in name:
         head, name = name.split(".", 1)
@@ -219,7 +219,20 @@ def parse_value(cfg_cls, key: str, text: str) -> Any:
     hints = _field_types(cls)
     if name not in hints:
         raise ConfigError(f"unknown config field {key!r}; known fields: {', '.join(sorted(hints))}")
-    base, optional = _base_type(hints[name])
+    meta = next(f.metadata for f in dataclasses.fields(cls) if f.name == name)
+    return hints[name], dict(meta)
+
+
+def check_field(cfg_cls, key: str, value: Any) -> None:
+    """Raise ConfigError if `value` is not allowed for the field at dotted path `key`."""
+    tp, meta = field_spec(cfg_cls, key)
+    _check_value(key, value, tp, meta)
+
+
+def parse_value(cfg_cls, key: str, text: str) -> Any:
+    """Turn the text of `--set key=text` into the field's type (`none` means None)."""
+    tp, _ = field_spec(cfg_cls, key)
+    base, optional = base_type(tp)
     if text.strip().lower() in ("none", "null") and optional:
         return None
     try:

@@ -18,10 +18,12 @@ from model.config import ConfigError
 from .checkpoint import CheckpointError
 from .data import DatasetError
 from .tracking import TrackingConfigError
+from .tune import SpaceError
 from .teacher import DEFAULT_TEACHER
 
 EXIT_USAGE = 2
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, TrackingConfigError, FileNotFoundError, ValueError)
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, TrackingConfigError, SpaceError, FileNotFoundError,
+               ValueError)
 
 
 class UserError(Exception):
@@ -85,24 +87,25 @@ def _print_mlflow(summary: dict[str, Any]) -> None:
 
 
 def _train_local(cfg, args) -> int:
+    from model.config import flatten
+
+    from .config import run_tags
     from .context import FileTracker, LocalContext, TrackerGroup
+    from .tracking import MlflowTracker, finish_run, resolve_tracking_uri, start_run
     from .train import train_loop
+
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     _setup_logging(out / "train.log")
     ctx = LocalContext(out, resume_from=args.resume, keep=cfg.keep_checkpoints)
     tracker, run_id, uri = FileTracker(out), None, None
     if not args.no_mlflow:
-        from model.config import flatten
-
-        from .tracking import MlflowTracker, resolve_tracking_uri, start_run
         uri = resolve_tracking_uri(args.mlflow_uri)
-        run_id = start_run(uri, args.experiment, out.name, params=flatten(cfg), tags=_run_tags(cfg, 1))
+        run_id = start_run(uri, args.experiment, out.name, params=flatten(cfg), tags=run_tags(cfg, 1))
         tracker = TrackerGroup(tracker, MlflowTracker(uri, run_id))
     summary = train_loop(cfg, ctx, tracker)
     if run_id:
-        from .tracking import finish_run
         summary["model_version"] = finish_run(uri, run_id, summary["status"], ctx.best_checkpoint(),
-                                              tags=_run_tags(cfg, 1))
+                                              tags=run_tags(cfg, 1))
         summary.update(mlflow_run_id=run_id, tracking_uri=uri)
     summary["out_dir"] = str(out)
     _write_json(out / "summary.json", summary)
@@ -115,12 +118,6 @@ def _train_local(cfg, args) -> int:
     print(f"  log          {out / 'train.log'}")
     _print_mlflow(summary)
     return 0 if summary["status"] == "completed" else 1
-
-
-def _run_tags(cfg, workers: int) -> dict[str, str]:
-    m = cfg.model
-    return {"preset": cfg.preset, "lattice": f"{m.width}x{m.height}x{m.depth}", "workers": str(workers),
-            "precision": m.precision}
 
 
 def _train_ray(cfg, args) -> int:
@@ -168,6 +165,39 @@ def cmd_load(args) -> int:
             out = model(torch.from_numpy(teacher.embed([args.text])))
         print(f"  {args.text!r} -> embedding of norm {float(out.embedding.norm()):.3f}, "
               f"{out.stats.steps_used} flow steps, completion {out.stats.completion:.2f}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from .config import make_config, parse_sets
+    from .tune import Sweep, load_space, run_sweep
+    load_space(args.space)  # refuse bad files and values before Ray starts
+    sets = parse_sets(args.set or [])
+    make_config(args.preset, sets)
+    _setup_logging()
+    summary = run_sweep(Sweep(
+        spaces=args.space, preset=args.preset, sets=sets, num_samples=args.num_samples, max_steps=args.max_steps,
+        workers_per_trial=args.workers_per_trial, gpus_per_trial=args.gpus_per_trial,
+        concurrency=args.concurrency, scheduler=args.scheduler, resume=args.resume, experiment=args.experiment,
+        storage=args.storage, tracking_uri=args.mlflow_uri, address=args.address,
+        trial_memory_gb=args.trial_memory_gb))
+    if args.summary_json:
+        _write_json(args.summary_json, summary)
+    print(f"\nsweep {args.experiment}: {len(summary['trials'])} trials, best {summary['best']}")
+    print(f"  {'trial':22s} {'status':11s} {'val_cos':>8s} {'version':>7s}  params")
+    for t in summary["trials"]:
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in t["params"].items())
+        print(f"  {t['trial_id']:22s} {t['status']:11s} {_fmt(t['val_cosine']):>8s} {str(t['model_version']):>7s}  "
+              f"{params}" + (f"  ({t['reason']})" if t.get("reason") else ""))
+    print(f"\n  wall time {summary['wall_time_s']:.0f} s, trials' own time {summary['trial_train_time_s']:.0f} s")
+    print(f"  MLflow parent run {summary['parent_run_id']}; compare with: python -m orchestrator compare "
+          f"--experiment {args.experiment}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .tracking import compare_runs
+    print(compare_runs(args.experiment, args.mlflow_uri, top=args.top))
     return 0
 
 
@@ -227,6 +257,32 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--text", help="also run the model on this text's teacher embedding")
     load.add_argument("--teacher", default=DEFAULT_TEACHER)
     load.set_defaults(func=cmd_load)
+
+    tune = sub.add_parser("tune", help="sweep hyperparameters with Ray Tune")
+    tune.add_argument("--space", action="append", required=True, help="search-space YAML (repeatable; merged)")
+    tune.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
+    tune.add_argument("--set", action="append", metavar="KEY=VALUE", help="fixed override for every trial")
+    tune.add_argument("--num-samples", type=int, default=4, help="samples drawn from the space (x grid size)")
+    tune.add_argument("--max-steps", type=int, help="optimizer steps per trial")
+    tune.add_argument("--workers-per-trial", type=int, default=1, help=">1 runs each trial on a TorchTrainer")
+    tune.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial worker")
+    tune.add_argument("--concurrency", type=int, help="most trials at once (default: what the CPUs allow)")
+    tune.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
+    tune.add_argument("--resume", action="store_true", help="continue the interrupted sweep of --experiment")
+    tune.add_argument("--experiment", default="energy-lattice-sweep", help="sweep and MLflow experiment name")
+    tune.add_argument("--storage", help="folder or URI for Ray Tune's results (default ./ray_results)")
+    tune.add_argument("--trial-memory-gb", type=float, help="memory budget per trial for the planner "
+                                                           "(default: node memory / concurrent trials)")
+    tune.add_argument("--mlflow-uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    tune.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
+    tune.add_argument("--summary-json", help="write the sweep summary here")
+    tune.set_defaults(func=cmd_tune)
+
+    compare = sub.add_parser("compare", help="table of an experiment's runs from MLflow")
+    compare.add_argument("--experiment", required=True)
+    compare.add_argument("--top", type=int, default=10, help="best K runs by validation cosine")
+    compare.add_argument("--mlflow-uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    compare.set_defaults(func=cmd_compare)
 
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)

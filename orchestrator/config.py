@@ -83,6 +83,13 @@ def parse_sets(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def run_tags(cfg: TrainConfig, workers: int) -> dict[str, str]:
+    """The tags every tracked run carries, so runs can be filtered by them."""
+    m = cfg.model
+    return {"preset": cfg.preset, "lattice": f"{m.width}x{m.height}x{m.depth}", "workers": str(workers),
+            "precision": m.precision}
+
+
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     return from_dict(TrainConfig, data)
 
@@ -98,4 +105,4 @@ def resolved(cfg: TrainConfig) -> TrainConfig:
 
 
 __all__ = ["TrainConfig", "ConfigError", "make_config", "parse_sets", "config_from_dict", "config_to_dict",
-           "resolved", "flatten"]
+           "resolved", "flatten", "run_tags"]

@@ -71,6 +71,37 @@ def make_plots(model: EnergyLattice, sample_embedding: torch.Tensor, losses: lis
     return paths
 
 
+def parallel_coordinates(trials: list[dict], params: list[str], path: str | Path,
+                         metric: str = "val_cosine") -> Path:
+    """One line per trial across one vertical axis per sampled param, coloured by `metric`.
+
+    Each axis is scaled to its own min..max; categorical values are placed in sorted order.
+    """
+    scored = [t for t in trials if isinstance(t.get(metric), (int, float))]
+    fig, ax = plt.subplots(figsize=(max(5, 1.8 * (len(params) + 1)), 4))
+    columns = params + [metric]
+
+    def column(name):
+        values = [t[metric] if name == metric else t["params"].get(name) for t in scored]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            lo, hi = min(values, default=0), max(values, default=1)
+            return [(v - lo) / (hi - lo) if hi > lo else 0.5 for v in values], f"{lo:.3g}..{hi:.3g}"
+        levels = sorted({str(v) for v in values})
+        return [levels.index(str(v)) / max(1, len(levels) - 1) for v in values], "/".join(levels)
+
+    scaled = [column(name) for name in columns]
+    cmap = plt.get_cmap("viridis")
+    metric_values = [t[metric] for t in scored]
+    lo, hi = min(metric_values, default=0), max(metric_values, default=1)
+    for i, trial in enumerate(scored):
+        colour = cmap((trial[metric] - lo) / (hi - lo) if hi > lo else 0.5)
+        ax.plot(range(len(columns)), [col[0][i] for col in scaled], color=colour, marker="o", alpha=0.8)
+    ax.set_xticks(range(len(columns)), [f"{n}\n{col[1]}" for n, col in zip(columns, scaled)], fontsize=7)
+    ax.set_yticks([])
+    ax.set_title(f"sampled params vs {metric} ({len(scored)} scored trials)")
+    return _save(fig, Path(path))
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=90)

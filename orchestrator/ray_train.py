@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TrainConfig, flatten, resolved
+from .config import TrainConfig, flatten, resolved, run_tags
 from .context import RunContext
 from .tracking import (MlflowTracker, check_tracking_uri, finish_run, read_summary, resolve_tracking_uri,
                        start_run)
@@ -49,14 +49,52 @@ def alive_node_count() -> int:
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
-class RayTrainContext(RunContext):
-    """A Ray Train worker: rank and device from Ray, checkpoints reported to Ray's storage."""
+class RayContext(RunContext):
+    """Reports and checkpoints through a Ray session: Ray Train's here, Ray Tune's in tune.py.
+
+    A checkpoint is written to a temporary folder and handed to `report`, which persists it in
+    Ray's storage; after a restart, `get_checkpoint` returns the newest one reported.
+    """
+    api = None  # the module with report / get_checkpoint / Checkpoint: ray.train or ray.tune
+
+    def __init__(self, fault_dir: str | None = None, extra_metrics: dict[str, Any] | None = None):
+        self._fault_dir = fault_dir
+        self.extra_metrics = extra_metrics or {}
+
+    def resume_state(self, device):
+        checkpoint = self.api.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return load_checkpoint(folder, map_location=device), checkpoint.path
+
+    def report(self, step, metrics, checkpoint):
+        metrics = {**metrics, **self.extra_metrics, "step": step}
+        if checkpoint is None:
+            self.api.report(metrics)
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(tmp, checkpoint, meta={"step": step, "metrics": metrics})
+            self.api.report(metrics, checkpoint=self.api.Checkpoint.from_directory(tmp),
+                            **self.checkpoint_kwargs(step))
+        return None
+
+    def checkpoint_kwargs(self, step: int) -> dict[str, Any]:
+        return {}
+
+    def fault_marker_dir(self):
+        return Path(self._fault_dir) if self._fault_dir else None
+
+
+class RayTrainContext(RayContext):
+    """A Ray Train worker: rank and device from Ray, DDP wrapping by Ray."""
 
     def __init__(self, fault_dir: str | None = None):
         import ray.train
+        super().__init__(fault_dir)
+        self.api = ray.train
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
-        self._fault_dir = fault_dir
 
     def device(self, requested: str) -> torch.device:
         import ray.train.torch
@@ -66,27 +104,8 @@ class RayTrainContext(RunContext):
         import ray.train.torch
         return ray.train.torch.prepare_model(model, move_to_device=False) if self.world_size > 1 else model
 
-    def resume_state(self, device):
-        import ray.train
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as folder:
-            return load_checkpoint(folder, map_location=device), checkpoint.path
-
-    def report(self, step, metrics, checkpoint):
-        import ray.train
-        if checkpoint is None:
-            ray.train.report(metrics)
-            return None
-        with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(tmp, checkpoint, meta={"step": step, "metrics": metrics})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"step_{step:08d}")
-        return None
-
-    def fault_marker_dir(self):
-        return Path(self._fault_dir) if self._fault_dir else None
+    def checkpoint_kwargs(self, step):
+        return {"checkpoint_dir_name": f"step_{step:08d}"}
 
 
 def _train_worker(config: dict[str, Any]) -> None:
@@ -119,43 +138,52 @@ def _storage_path(storage: str | None) -> str:
     return str(Path(storage or "ray_results").resolve())
 
 
-def run_ray_train(cfg: TrainConfig, launch: Launch) -> dict[str, Any]:
-    """Train with a TorchTrainer; return the summary with `mlflow_run_id` and `model_version`."""
+def build_trainer(cfg: TrainConfig, launch: Launch, *, tracking_uri: str, mlflow_run_id: str, run_name: str,
+                  callbacks: list | None = None):
+    """The TorchTrainer that runs `train_loop` on `launch.workers` workers and logs into the run."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .data import ensure_corpus
-    from .teacher import Teacher
-
-    connect(launch.address)
-    uri = resolve_tracking_uri(launch.tracking_uri)
-    check_tracking_uri(uri, alive_node_count())
-    if cfg.data_path is None:  # build the corpus once here, not in every worker
-        cfg = dataclasses.replace(cfg, data_path=str(ensure_corpus(teacher=Teacher(cfg.teacher))))
-    cfg = resolved(dataclasses.replace(cfg, data_path=str(Path(cfg.data_path).resolve())))
-    run_name = launch.run_name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = _storage_path(launch.storage)
-    lattice = f"{cfg.model.width}x{cfg.model.height}x{cfg.model.depth}"
-    tags = {"preset": cfg.preset, "lattice": lattice, "workers": str(launch.workers),
-            "precision": cfg.model.precision, "ray_train_run": run_name}
-    run_id = start_run(uri, launch.experiment, run_name, params=flatten(cfg), tags=tags,
-                       parent_run_id=launch.parent_run_id)
-    log.info("MLflow run %s in experiment %r at %s", run_id, launch.experiment, uri)
-
     resources = {"CPU": launch.cpus_per_worker, **({"GPU": launch.gpus_per_worker} if launch.gpus_per_worker else {})}
-    trainer = TorchTrainer(
+    return TorchTrainer(
         _train_worker,
         train_loop_config={"train": dataclasses.asdict(cfg),
-                           "run": {"tracking_uri": uri, "mlflow_run_id": run_id,
+                           "run": {"tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
                                    "fault_dir": str(Path(storage) / run_name) if "://" not in storage else None}},
         scaling_config=ScalingConfig(num_workers=launch.workers, use_gpu=launch.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=run_name, storage_path=storage,
+            name=run_name, storage_path=storage, callbacks=callbacks,
             failure_config=FailureConfig(max_failures=launch.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                checkpoint_score_attribute="val_cosine",
                                                checkpoint_score_order="max")))
+
+
+def prepare_config(cfg: TrainConfig) -> TrainConfig:
+    """Resolve the config on the launching side: the dataset built once and named by absolute path."""
+    from .data import ensure_corpus
+    from .teacher import Teacher
+    if cfg.data_path is None:  # build the corpus once here, not in every worker
+        cfg = dataclasses.replace(cfg, data_path=str(ensure_corpus(teacher=Teacher(cfg.teacher))))
+    return resolved(dataclasses.replace(cfg, data_path=str(Path(cfg.data_path).resolve())))
+
+
+def run_ray_train(cfg: TrainConfig, launch: Launch) -> dict[str, Any]:
+    """Train with a TorchTrainer; return the summary with `mlflow_run_id` and `model_version`."""
+    connect(launch.address)
+    uri = resolve_tracking_uri(launch.tracking_uri)
+    check_tracking_uri(uri, alive_node_count())
+    cfg = prepare_config(cfg)
+    run_name = launch.run_name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = _storage_path(launch.storage)
+    tags = {**run_tags(cfg, launch.workers), "ray_train_run": run_name}
+    run_id = start_run(uri, launch.experiment, run_name, params=flatten(cfg), tags=tags,
+                       parent_run_id=launch.parent_run_id)
+    log.info("MLflow run %s in experiment %r at %s", run_id, launch.experiment, uri)
+
+    trainer = build_trainer(cfg, launch, tracking_uri=uri, mlflow_run_id=run_id, run_name=run_name)
     try:
         result, error = trainer.fit(), None
     except Exception as e:  # Ray raises once max_failures restarts are used up

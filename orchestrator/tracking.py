@@ -63,7 +63,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _client(uri: str):
+def client_for(uri: str):
     from mlflow import MlflowClient
     return MlflowClient(tracking_uri=uri)
 
@@ -71,7 +71,7 @@ def _client(uri: str):
 def start_run(uri: str, experiment: str, run_name: str, *, params: dict[str, Any], tags: dict[str, str],
               parent_run_id: str | None = None) -> str:
     """Create a run (nested under `parent_run_id` if given) with its params and tags; return its id."""
-    client = _client(uri)
+    client = client_for(uri)
     exp = client.get_experiment_by_name(experiment)
     experiment_id = exp.experiment_id if exp else client.create_experiment(experiment)
     all_tags = {"git_commit": git_commit(), **tags}
@@ -90,8 +90,9 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> None:
 
 
 def end_run(uri: str, run_id: str, status: str) -> None:
-    """Close a run; training statuses map onto MLflow's FINISHED / FAILED."""
-    _client(uri).set_terminated(run_id, "FINISHED" if status == "completed" else "FAILED")
+    """Close a run, mapping our statuses onto MLflow's run states."""
+    state = {"completed": "FINISHED", "stopped": "FINISHED", "infeasible": "KILLED"}.get(status, "FAILED")
+    client_for(uri).set_terminated(run_id, state)
 
 
 class MlflowTracker(Tracker):
@@ -104,7 +105,7 @@ class MlflowTracker(Tracker):
 
     def __init__(self, uri: str, run_id: str):
         self.uri, self.run_id = uri, run_id
-        self.client = _client(uri)
+        self.client = client_for(uri)
         self._last_logged: dict[str, int] = {}
         run = self.client.get_run(run_id)
         for key in run.data.metrics:
@@ -155,7 +156,7 @@ def read_summary(uri: str, run_id: str) -> dict[str, Any] | None:
     from mlflow.exceptions import MlflowException
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            return json.loads(Path(_client(uri).download_artifacts(run_id, "summary.json", tmp)).read_text())
+            return json.loads(Path(client_for(uri).download_artifacts(run_id, "summary.json", tmp)).read_text())
     except (MlflowException, OSError):
         return None
 
@@ -171,7 +172,7 @@ def log_config(tracker: Tracker, config: dict[str, Any]) -> None:
 def register_checkpoint(uri: str, run_id: str, checkpoint_dir: str | Path, *, tags: dict[str, str],
                         alias: str | None = None, artifact_path: str = "checkpoints/best") -> str:
     """Log a checkpoint folder into the run and register it as a new version of `energy-lattice`."""
-    client = _client(uri)
+    client = client_for(uri)
     client.log_artifacts(run_id, str(checkpoint_dir), artifact_path)
     from mlflow.exceptions import MlflowException
     try:
@@ -208,10 +209,10 @@ def download_checkpoint(model_uri: str, tracking_uri: str | None = None) -> Path
     try:
         if "@" in ref:
             name, alias = ref.split("@", 1)
-            version = _client(uri).get_model_version_by_alias(name, alias).version
+            version = client_for(uri).get_model_version_by_alias(name, alias).version
         else:
             name, _, version = ref.partition("/")
-        source = _client(uri).get_model_version_download_uri(name, version)
+        source = client_for(uri).get_model_version_download_uri(name, version)
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri))
     except MlflowException as e:
         raise TrackingConfigError(f"cannot load {model_uri} from {uri}: {e.message.splitlines()[0]}") from None
@@ -222,3 +223,37 @@ def load_registered_model(model_uri: str, tracking_uri: str | None = None):
     from .checkpoint import load_model
     path = download_checkpoint(model_uri, tracking_uri) if model_uri.startswith("models:/") else Path(model_uri)
     return load_model(path)
+
+
+COMPARE_METRICS = ("val_cosine", "val_top1", "val_bleu", "baseline_ridge_cosine", "baseline_identity_cosine")
+
+
+def compare_runs(experiment: str, tracking_uri: str | None = None, top: int = 10) -> str:
+    """A text table of an experiment's best runs by validation cosine: key metrics and the params
+    that differ between them (sweep parent runs left out)."""
+    uri = resolve_tracking_uri(tracking_uri)
+    client = client_for(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise TrackingConfigError(f"no MLflow experiment named {experiment!r} at {uri}")
+    runs = [r for r in client.search_runs([exp.experiment_id], order_by=["metrics.val_cosine DESC"],
+                                          max_results=max(top * 3, 50))
+            if r.data.tags.get("kind") != "sweep" and "val_cosine" in r.data.metrics][:top]
+    if not runs:
+        return f"experiment {experiment!r} has no runs with a validation cosine yet"
+    keys = sorted({k for r in runs for k in r.data.params})
+    differing = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1 and k != "data_path"]
+    header = ["run", "status", "lattice"] + [m.replace("baseline_", "b_") for m in COMPARE_METRICS]
+    rows = []
+    for r in runs:
+        metrics = [f"{r.data.metrics[m]:.4f}" if m in r.data.metrics else "-" for m in COMPARE_METRICS]
+        rows.append([r.info.run_name or r.info.run_id[:8], r.data.tags.get("status", r.info.status.lower()),
+                     r.data.tags.get("lattice", "-")] + metrics)
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in [header] + rows]
+    if differing:
+        lines.append("\nparams that differ:")
+        for r in runs:
+            name = r.info.run_name or r.info.run_id[:8]
+            lines.append(f"  {name}: " + ", ".join(f"{k}={r.data.params.get(k, '-')}" for k in differing))
+    return "\n".join(lines)

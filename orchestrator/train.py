@@ -33,7 +33,7 @@ from model import EnergyLattice, count_parameters, lattice_loss
 from model.config import flatten
 
 from .checkpoint import check_compatible
-from .config import TrainConfig, config_from_dict, resolved
+from .config import TrainConfig, config_from_dict, resolved, run_tags
 from .context import LocalContext, RunContext, Tracker
 from .data import PairDataset, Split, ensure_corpus, load_dataset, shard
 from .evaluation import Decoded, baselines, evaluate, example_rows, text_metrics
@@ -229,9 +229,7 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
     if step == 0:
         tracker.log_params(flatten(cfg))
         log_config(tracker, asdict(cfg))
-        tracker.set_tags({"preset": cfg.preset, "lattice": f"{cfg.model.width}x{cfg.model.height}x{cfg.model.depth}",
-                          "precision": cfg.model.precision, "workers": str(ctx.world_size),
-                          "data_shards": json.dumps(shards)})
+        tracker.set_tags({**run_tags(cfg, ctx.world_size), "data_shards": json.dumps(shards)})
         tracker.log_metrics({**base, "parameters": count_parameters(model)}, step=0)
     log.info("training %s: %d parameters, %d train rows on this worker, %d validation rows, device %s",
              cfg.preset, count_parameters(model), len(train_rows), len(val), device)
@@ -343,7 +341,7 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
         **{k: v for k, v in base.items()},
     }
     tracker.finish(status, summary)
-    ctx.report(step, summary, None)  # every rank, so the launcher learns how the run ended
+    ctx.report(step, {"step": step, **summary}, None)  # every rank, so the launcher learns how the run ended
     return summary
 
 

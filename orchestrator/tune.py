@@ -1,0 +1,407 @@
+"""Ray Tune sweeps: search spaces from YAML, one trial per sampled config, ASHA, MLflow runs.
+
+A space file maps config field paths to one distribution each:
+
+    model.spawn_threshold: {uniform: [0.05, 0.3]}
+    model.convergence_patience: {randint: [1, 6]}   # upper bound exclusive, as in Ray Tune
+    lr: {loguniform: [1.0e-4, 1.0e-2]}
+    model.mapper_rank: {quniform: [8, 32, 8]}
+    model.max_spawn_per_step: {grid: [0, 2]}        # every value, each num_samples times
+    preset: {choice: [smoke, debug]}                # the lattice preset itself
+
+Trials with one worker run `train_loop` directly as a function trainable; trials with several
+workers launch a TorchTrainer inside the trial, whose reports reach Tune through
+`TuneReportCallback`. Before a trial trains, the memory planner checks its sampled lattice against
+the per-trial memory budget and picks its batch size (at most the configured one); a trial that
+cannot fit ends `infeasible` with the planner's reason and the sweep goes on, as it does past a
+diverged trial.
+
+MLflow: the sweep is a parent run, each trial a nested child run (created by the trial, found
+again by its `trial_id` tag after a restore). When the sweep ends, the driver registers each
+trial's best checkpoint, closes the child runs, and gives the parent the best trial's config and
+metrics plus a parallel-coordinates plot of sampled params against validation cosine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model import PRESETS
+from model.config import ConfigError, base_type, check_field, field_spec
+
+from .config import TrainConfig, flatten, make_config, run_tags
+from .ray_train import Launch, RayContext, _storage_path, alive_node_count, build_trainer, connect, prepare_config
+from .tracking import (MlflowTracker, client_for, check_tracking_uri, end_run, log_params, register_checkpoint,
+                       resolve_tracking_uri, start_run)
+
+log = logging.getLogger(__name__)
+
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
+SWEEP_FILE = "sweep.json"
+FINAL_STATUSES = ("completed", "diverged", "infeasible")
+
+
+class SpaceError(ValueError):
+    """A search-space file that cannot be used; the message names the file, the key and the problem."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Search spaces
+
+@dataclass
+class SearchSpace:
+    entries: dict[str, tuple[str, list]] = field(default_factory=dict)  # key -> (distribution, args)
+    files: dict[str, str] = field(default_factory=dict)                 # file name -> its text
+
+    def param_space(self) -> dict[str, Any]:
+        from ray import tune
+        make = {"choice": tune.choice, "grid": tune.grid_search, "uniform": lambda a: tune.uniform(*a),
+                "loguniform": lambda a: tune.loguniform(*a), "randint": lambda a: tune.randint(*a),
+                "quniform": lambda a: tune.quniform(*a)}
+        return {key: make[dist](args) for key, (dist, args) in self.entries.items()}
+
+    def describe(self) -> dict[str, str]:
+        return {key: f"{dist}({', '.join(map(str, args))})" for key, (dist, args) in self.entries.items()}
+
+
+def _check_entry(where: str, key: str, spec: Any) -> tuple[str, list]:
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise SpaceError(f"{where}: expected one distribution such as {{uniform: [low, high]}}, got {spec!r}")
+    dist, args = next(iter(spec.items()))
+    if dist not in DISTRIBUTIONS:
+        raise SpaceError(f"{where}: unknown distribution {dist!r}; use one of {', '.join(DISTRIBUTIONS)}")
+    if key == "preset":
+        if dist not in ("choice", "grid") or not isinstance(args, list) or not args:
+            raise SpaceError(f"{where}: preset takes choice or grid over a list of preset names")
+        unknown = [a for a in args if a not in PRESETS]
+        if unknown:
+            raise SpaceError(f"{where}: unknown preset(s) {unknown}; choose from {', '.join(PRESETS)}")
+        return dist, args
+    try:
+        tp, _ = field_spec(TrainConfig, key)
+    except ConfigError:
+        raise SpaceError(f"{where}: unknown config field (use dotted paths such as lr or "
+                         f"model.spawn_threshold)") from None
+    if dist in ("choice", "grid"):
+        if not isinstance(args, list) or not args:
+            raise SpaceError(f"{where}: {dist} needs a non-empty list of values")
+        for value in args:
+            _check_value(where, key, value)
+        return dist, args
+    n = 3 if dist == "quniform" else 2
+    if not isinstance(args, list) or len(args) != n or not all(
+            isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+        shape = "[low, high, q]" if n == 3 else "[low, high]"
+        raise SpaceError(f"{where}: {dist} needs {shape} numbers, got {args!r}")
+    low, high = args[0], args[1]
+    if not low < high:
+        raise SpaceError(f"{where}: bad bounds: low {low} must be below high {high}")
+    if dist == "loguniform" and low <= 0:
+        raise SpaceError(f"{where}: bad bounds: loguniform needs low > 0, got {low}")
+    if dist == "quniform" and args[2] <= 0:
+        raise SpaceError(f"{where}: bad bounds: quniform needs q > 0, got {args[2]}")
+    if dist == "randint" and not all(isinstance(a, int) for a in args):
+        raise SpaceError(f"{where}: randint needs integer bounds, got {args!r}")
+    integer_field = base_type(tp)[0] is int
+    integral = dist == "randint" or (dist == "quniform" and all(float(a).is_integer() for a in args))
+    if integer_field and not integral:
+        raise SpaceError(f"{where}: {key} is an integer field; use randint, choice or grid, or quniform "
+                         f"with integer bounds and step")
+    top = high - 1 if dist == "randint" else high  # randint's upper bound is exclusive
+    for value in (low, top):
+        _check_value(where, key, int(value) if integer_field else float(value))
+    return dist, args
+
+
+def _check_value(where: str, key: str, value: Any) -> None:
+    try:
+        check_field(TrainConfig, key, value)
+    except ConfigError as e:
+        raise SpaceError(f"{where}: bad value: {e}") from None
+
+
+def load_space(paths: list[str | Path]) -> SearchSpace:
+    """Merge space files into one search space; a key may appear in only one file."""
+    space, origin = SearchSpace(), {}
+    for path in map(Path, paths):
+        if not path.exists():
+            raise SpaceError(f"{path}: no such search-space file")
+        text = path.read_text()
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise SpaceError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise SpaceError(f"{path}: expected a mapping of config field -> distribution")
+        for key, spec in data.items():
+            where = f"{path}: {key}"
+            if key in origin:
+                raise SpaceError(f"{where}: also defined in {origin[key]}")
+            space.entries[key] = _check_entry(where, str(key), spec)
+            origin[key] = path
+        space.files[path.name] = text
+    if not space.entries:
+        raise SpaceError(f"{', '.join(map(str, paths))}: the search space is empty")
+    return space
+
+
+# ------------------------------------------------------------------------------------------------
+# One trial
+
+class TuneContext(RayContext):
+    """A Tune function trainable: one process, checkpoints reported to the trial's storage."""
+
+    def __init__(self, extra_metrics: dict[str, Any]):
+        import ray.tune
+        super().__init__(ray.tune.get_context().get_trial_dir(), extra_metrics)
+        self.api = ray.tune
+
+
+def trial_config(config: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
+    """The TrainConfig of a trial and the values sampled for it."""
+    sampled = dict(config["sampled"])
+    preset = sampled.pop("preset", config["preset"])
+    cfg = make_config(preset, {**config["set"], **sampled})
+    return cfg, dict(config["sampled"])
+
+
+def _trial_run_id(sweep: dict[str, Any], trial_id: str, cfg: TrainConfig, sampled: dict[str, Any]) -> str:
+    """The trial's MLflow child run: found again by tag after a restore, else created."""
+    client = client_for(sweep["tracking_uri"])
+    exp = client.get_experiment_by_name(sweep["experiment"])
+    found = client.search_runs([exp.experiment_id], filter_string=(
+        f"tags.trial_id = '{trial_id}' and tags.`mlflow.parentRunId` = '{sweep['parent_run_id']}'"))
+    if found:
+        return found[0].info.run_id
+    return start_run(sweep["tracking_uri"], sweep["experiment"], trial_id, params=flatten(cfg),
+                     tags={**run_tags(cfg, sweep["workers_per_trial"]), "trial_id": trial_id, "status": "running",
+                           "sampled": json.dumps(sampled, default=str), "sweep": sweep["name"]},
+                     parent_run_id=sweep["parent_run_id"])
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """The function every Tune trial runs."""
+    import ray.tune
+
+    from .planner import MemoryBudgetError, plan_batch
+    from .train import train_loop
+
+    sweep = config["sweep"]
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg, sampled = trial_config(config)
+    run_id = _trial_run_id(sweep, trial_id, cfg, sampled)
+    extra = {"trial_id": trial_id, "mlflow_run_id": run_id}
+    try:
+        plan = plan_batch(cfg.model.resolved(), sweep["trial_memory_bytes"], device_type=sweep["device_type"],
+                          max_batch=cfg.batch_size)
+    except MemoryBudgetError as e:
+        log.warning("trial %s is infeasible: %s", trial_id, e)
+        # val_cosine -1 (the worst cosine) only keeps the scheduler's bookkeeping whole; the sweep
+        # summary reports an infeasible trial without a score.
+        ray.tune.report({**extra, "status": "infeasible", "reason": str(e), "val_cosine": -1.0, "step": 0})
+        return
+    cfg = dataclasses.replace(cfg, batch_size=plan.batch)
+    if sweep["workers_per_trial"] == 1:
+        train_loop(cfg, TuneContext(extra), MlflowTracker(sweep["tracking_uri"], run_id))
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+    launch = Launch(workers=sweep["workers_per_trial"], gpus_per_worker=sweep["gpus_per_trial"],
+                    storage=str(Path(sweep["storage"]) / sweep["name"] / "trainers"),
+                    max_failures=sweep["max_failures"])
+    trainer = build_trainer(prepare_config(cfg), launch, tracking_uri=sweep["tracking_uri"], mlflow_run_id=run_id,
+                            run_name=trial_id, callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+# ------------------------------------------------------------------------------------------------
+# The sweep
+
+@dataclass
+class Sweep:
+    """A sweep request, as the CLI takes it."""
+    spaces: list[str]
+    preset: str = "smoke"
+    sets: dict[str, Any] = field(default_factory=dict)  # --set overrides for every trial
+    num_samples: int = 4
+    max_steps: int | None = None
+    workers_per_trial: int = 1
+    gpus_per_trial: float = 0.0
+    concurrency: int | None = None
+    scheduler: str = "asha"
+    resume: bool = False
+    experiment: str = "energy-lattice-sweep"
+    storage: str | None = None
+    tracking_uri: str | None = None
+    address: str | None = None
+    trial_memory_gb: float | None = None  # default: this node's memory / concurrent trials
+    max_failures: int = 1
+
+
+def _trial_resources(sweep: Sweep) -> dict[str, float]:
+    if sweep.workers_per_trial > 1:
+        return {"CPU": 0}  # the trial only waits on its TorchTrainer, whose workers hold the resources
+    return {"CPU": 1, **({"GPU": sweep.gpus_per_trial} if sweep.gpus_per_trial else {})}
+
+
+def _best_checkpoint(result, workers_per_trial: int) -> tuple[str | None, dict[str, Any]]:
+    """(path, metrics) of a trial's best checkpoint by validation cosine."""
+    if workers_per_trial == 1:
+        candidates = [(c.path, m) for c, m in (result.best_checkpoints or [])]
+    else:  # TuneReportCallback puts the TorchTrainer's checkpoint path into the metrics
+        df = result.metrics_dataframe
+        candidates = [] if df is None or "checkpoint_path" not in df else [
+            (row["checkpoint_path"], row.to_dict()) for _, row in df.iterrows()
+            if isinstance(row["checkpoint_path"], str)]
+    candidates = [(p, m) for p, m in candidates if isinstance(m.get("val_cosine"), (int, float))]
+    return max(candidates, key=lambda pm: pm[1]["val_cosine"]) if candidates else (None, {})
+
+
+def _finish_trial(uri: str, result, sweep: Sweep, trial_id: str, run_id: str | None) -> dict[str, Any]:
+    metrics = result.metrics or {}
+    status = metrics.get("status")
+    if result.error is not None:
+        status = "error"
+    elif status not in FINAL_STATUSES:
+        status = "stopped"  # ended by the scheduler before max_steps
+    path, best = _best_checkpoint(result, sweep.workers_per_trial)
+    version = None
+    if run_id:
+        client = client_for(uri)
+        client.set_tag(run_id, "status", status)
+        if metrics.get("reason"):
+            client.set_tag(run_id, "reason", metrics["reason"])
+        if path and status != "infeasible":
+            run = client.get_run(run_id)
+            version = register_checkpoint(uri, run_id, path, tags={
+                "lattice": run.data.tags.get("lattice", ""), "preset": run.data.tags.get("preset", ""),
+                "run_id": run_id, "trial_id": trial_id, "step": str(best.get("step"))})
+        end_run(uri, run_id, status)
+    return {"trial_id": trial_id, "status": status, "mlflow_run_id": run_id, "model_version": version,
+            "val_cosine": best.get("val_cosine") if status != "infeasible" else None,
+            "val_top1": best.get("val_top1"), "steps": metrics.get("step"), "reason": metrics.get("reason"),
+            "train_time_s": metrics.get("time_total_s"), "checkpoint": path}
+
+
+def _trial_run_ids(uri: str, experiment: str, parent_run_id: str) -> dict[str, str]:
+    client = client_for(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    return {r.data.tags["trial_id"]: r.info.run_id for r in runs if "trial_id" in r.data.tags}
+
+
+def run_sweep(sweep: Sweep) -> dict[str, Any]:
+    """Run (or, with `resume`, continue) a sweep; return its summary."""
+    from ray import tune
+
+    from .planner import available_memory_bytes
+
+    started = time.perf_counter()
+    space = load_space(sweep.spaces)
+    sets = dict(sweep.sets)
+    if sweep.max_steps is not None:
+        sets["max_steps"] = sweep.max_steps
+    base = prepare_config(make_config(sweep.preset, sets))  # validates, builds the corpus once
+    sets["data_path"] = base.data_path
+
+    connect(sweep.address)
+    uri = resolve_tracking_uri(sweep.tracking_uri)
+    check_tracking_uri(uri, alive_node_count())
+    storage = _storage_path(sweep.storage)
+    sweep_dir = Path(storage) / sweep.experiment
+    device_type = "cuda" if sweep.gpus_per_trial else "cpu"
+    concurrent = sweep.concurrency or max(1, int(_cluster_cpus() // max(1, sweep.workers_per_trial)))
+    budget = (int(sweep.trial_memory_gb * 2**30) if sweep.trial_memory_gb
+              else available_memory_bytes(device_type) // (1 if device_type == "cuda" else concurrent))
+    trainable = tune.with_resources(run_trial, _trial_resources(sweep))
+
+    if sweep.resume:
+        if not (sweep_dir / SWEEP_FILE).exists():
+            raise SpaceError(f"no sweep to resume at {sweep_dir}")
+        parent_run_id = json.loads((sweep_dir / SWEEP_FILE).read_text())["parent_run_id"]
+        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+        log.info("resuming sweep %s (MLflow parent run %s)", sweep_dir, parent_run_id)
+    else:
+        if (sweep_dir / SWEEP_FILE).exists():
+            raise SpaceError(f"a sweep named {sweep.experiment!r} already exists at {sweep_dir}; pass --resume to "
+                             f"continue it or choose another --experiment")
+        settings = {k: v for k, v in dataclasses.asdict(sweep).items() if k not in ("spaces", "sets", "resume")}
+        params = {**{f"sweep.{k}": v for k, v in settings.items()},
+                  **{f"space.{k}": v for k, v in space.describe().items()},
+                  **{f"set.{k}": v for k, v in sets.items()}, "sweep.trial_memory_bytes": budget}
+        parent_run_id = start_run(uri, sweep.experiment, f"sweep-{sweep.experiment}", params=params,
+                                  tags={"sweep": sweep.experiment, "preset": sweep.preset, "kind": "sweep"})
+        client = client_for(uri)
+        for name, text in space.files.items():
+            client.log_text(parent_run_id, text, f"spaces/{name}")
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps({"parent_run_id": parent_run_id, "tracking_uri": uri}))
+        info = {"tracking_uri": uri, "experiment": sweep.experiment, "parent_run_id": parent_run_id,
+                "name": sweep.experiment, "storage": storage, "workers_per_trial": sweep.workers_per_trial,
+                "gpus_per_trial": sweep.gpus_per_trial, "trial_memory_bytes": budget, "device_type": device_type,
+                "max_failures": sweep.max_failures}
+        scheduler = None
+        if sweep.scheduler == "asha":
+            from ray.tune.schedulers import ASHAScheduler
+            scheduler = ASHAScheduler(time_attr="step", max_t=base.max_steps, reduction_factor=2,
+                                      grace_period=max(base.val_every, base.max_steps // 4))
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"preset": sweep.preset, "set": sets, "sampled": space.param_space(), "sweep": info},
+            tune_config=tune.TuneConfig(num_samples=sweep.num_samples, metric="val_cosine", mode="max",
+                                        scheduler=scheduler, max_concurrent_trials=sweep.concurrency),
+            run_config=tune.RunConfig(
+                name=sweep.experiment, storage_path=storage,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_cosine",
+                                                        checkpoint_score_order="max")))
+    grid = tuner.fit()
+
+    run_ids = _trial_run_ids(uri, sweep.experiment, parent_run_id)
+    trials = []
+    for n, result in enumerate(grid):
+        trial_id = (result.metrics or {}).get("trial_id") or f"unreported-{n}"  # never reached a report
+        row = _finish_trial(uri, result, sweep, trial_id, run_ids.get(trial_id))
+        row["params"] = {k: v for k, v in ((result.config or {}).get("sampled") or {}).items()}
+        trials.append(row)
+    trials.sort(key=lambda t: t["trial_id"])
+    scored = [t for t in trials if isinstance(t["val_cosine"], (int, float)) and math.isfinite(t["val_cosine"])]
+    best = max(scored, key=lambda t: t["val_cosine"]) if scored else None
+    _finish_parent(uri, parent_run_id, trials, best, space)
+    wall = time.perf_counter() - started
+    return {"trials": trials, "best": best["trial_id"] if best else None, "parent_run_id": parent_run_id,
+            "tracking_uri": uri, "sweep_path": str(sweep_dir), "wall_time_s": wall,
+            "trial_train_time_s": sum(t["train_time_s"] or 0.0 for t in trials)}
+
+
+def _cluster_cpus() -> float:
+    import ray
+    return ray.cluster_resources().get("CPU", 1.0)
+
+
+def _finish_parent(uri: str, run_id: str, trials: list[dict[str, Any]], best: dict[str, Any] | None,
+                   space: SearchSpace) -> None:
+    import tempfile
+
+    from .plots import parallel_coordinates
+    client = client_for(uri)
+    client.log_dict(run_id, {"trials": trials}, "trials.json")
+    if best:
+        client.set_tag(run_id, "best_trial", best["trial_id"])
+        for key, value in (("best_val_cosine", best["val_cosine"]), ("best_val_top1", best["val_top1"])):
+            if value is not None:
+                client.log_metric(run_id, key, value)
+        best_run = client.get_run(best["mlflow_run_id"])
+        client.log_dict(run_id, best_run.data.params, "best_config.json")
+        log_params(client, run_id, {f"best.{k}": v for k, v in best["params"].items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = parallel_coordinates(trials, list(space.entries), Path(tmp) / "params_vs_val_cosine.png")
+        client.log_artifact(run_id, str(path))
+    end_run(uri, run_id, "completed")

@@ -1,0 +1,163 @@
+"""Ray Tune sweeps on the shared Ray instance, with MLflow parent/child runs in SQLite."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from orchestrator.tracking import compare_runs
+from orchestrator.tune import SpaceError, Sweep, load_space, run_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+SPACES = REPO / "tune_spaces"
+
+
+# ---- search-space files (no Ray) ----------------------------------------------------------------
+
+def test_shipped_space_files_load():
+    space = load_space(sorted(SPACES.glob("*.yaml")))
+    assert {"model.spawn_threshold", "model.convergence_patience", "preset", "lr"} <= set(space.entries)
+    assert space.describe()["model.convergence_patience"] == "randint(1, 6)"
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("model.no_such_knob: {uniform: [0, 1]}", "model.no_such_knob: unknown config field"),
+    ("spawn_threshold: {uniform: [0.1, 0.2]}", "spawn_threshold: unknown config field"),
+    ("model.spawn_threshold: {uniform: [0.3, 0.1]}", "model.spawn_threshold: bad bounds: low 0.3 must be below high 0.1"),
+    ("model.spawn_threshold: {uniform: [0.1, 0.1]}", "bad bounds: low 0.1 must be below high 0.1"),
+    ("lr: {loguniform: [0, 0.1]}", "lr: bad bounds: loguniform needs low > 0, got 0"),
+    ("lr: {lognormal: [0.1, 1]}", "lr: unknown distribution 'lognormal'; use one of choice, grid"),
+    ("lr: {uniform: [0.1]}", "lr: uniform needs [low, high] numbers"),
+    ("model.width: {uniform: [8, 16]}", "model.width is an integer field"),
+    ("model.width: {choice: [8, 1]}", "model.width: bad value: model.width=1 is out of range; allowed range [2, 4096]"),
+    ("model.spawn_threshold: {uniform: [0, 0.3]}", "bad value: model.spawn_threshold=0.0 is out of range"),
+    ("preset: {choice: [smoke, enormous]}", "preset: unknown preset(s) ['enormous']"),
+    ("model.precision: {choice: [fp32, fp8]}", "model.precision='fp8' is not allowed"),
+    ("lr: 0.01", "lr: expected one distribution such as {uniform: [low, high]}"),
+])
+def test_bad_space_files_are_refused_naming_file_key_and_problem(tmp_path, text, problem):
+    path = tmp_path / "space.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(SpaceError) as err:
+        load_space([path])
+    assert str(err.value).startswith(f"{path}: ") and problem in str(err.value), str(err.value)
+
+
+def test_a_key_defined_in_two_space_files_is_refused(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("lr: {loguniform: [1.0e-4, 1.0e-2]}\n")
+    b.write_text("lr: {choice: [0.001]}\n")
+    with pytest.raises(SpaceError, match=f"{b}: lr: also defined in {a}"):
+        load_space([a, b])
+
+
+# ---- sweeps -------------------------------------------------------------------------------------
+
+def sweep(tmp_path, corpus_path, **kw):
+    base = dict(spaces=[str(SPACES / "spawn_convergence.yaml")], preset="smoke", num_samples=4, max_steps=8,
+                sets={"data_path": str(corpus_path), "max_rows": 400, "val_max_samples": 32, "batch_size": 8,
+                      "val_every": 4, "checkpoint_every": 4, "warmup_steps": 2},
+                storage=str(tmp_path / "ray"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                experiment="sweep-test", concurrency=2)
+    return Sweep(**{**base, **kw})
+
+
+def children_of(client, experiment, parent_run_id):
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+@pytest.mark.ray
+def test_sweep_of_four_trials_nests_one_child_run_per_trial_under_the_parent(tmp_path, ray_instance,
+                                                                             corpus_path):
+    summary = run_sweep(sweep(tmp_path, corpus_path))
+    client = MlflowClient(summary["tracking_uri"])
+    trials = summary["trials"]
+    assert len(trials) == 4 and all(t["status"] in ("completed", "stopped") for t in trials), trials
+    children = children_of(client, "sweep-test", summary["parent_run_id"])
+    assert sorted(c.data.tags["trial_id"] for c in children) == sorted(t["trial_id"] for t in trials)
+    sampled = {c.data.params["model.spawn_threshold"] for c in children}
+    assert len(sampled) == 4, "each child carries its own sampled params"
+    for child, trial in zip(sorted(children, key=lambda c: c.data.tags["trial_id"]), trials):
+        assert child.data.params["model.spawn_threshold"] == str(trial["params"]["model.spawn_threshold"])
+        assert child.data.tags["status"] == trial["status"] and trial["model_version"]
+    best = max(trials, key=lambda t: t["val_cosine"])
+    assert summary["best"] == best["trial_id"]
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.data.tags["best_trial"] == best["trial_id"]
+    assert parent.data.metrics["best_val_cosine"] == pytest.approx(best["val_cosine"])
+    assert parent.data.params["space.model.spawn_threshold"] == "uniform(0.05, 0.3)"
+    assert "params_vs_val_cosine.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+    table = compare_runs("sweep-test", summary["tracking_uri"], top=3)
+    assert table.count("\n") >= 3 and "model.spawn_threshold=" in table and best["trial_id"] in table
+
+
+@pytest.mark.ray
+def test_infeasible_trial_ends_with_its_reason_and_the_sweep_goes_on(tmp_path, ray_instance, corpus_path):
+    space = tmp_path / "sizes.yaml"
+    space.write_text("preset: {grid: [smoke, scale-300]}\n")
+    summary = run_sweep(sweep(tmp_path, corpus_path, spaces=[str(space)], num_samples=1, scheduler="fifo",
+                              trial_memory_gb=3.0))
+    by_preset = {t["params"]["preset"]: t for t in summary["trials"]}
+    assert by_preset["smoke"]["status"] == "completed"
+    infeasible = by_preset["scale-300"]
+    assert infeasible["status"] == "infeasible" and infeasible["val_cosine"] is None
+    assert "budget" in infeasible["reason"] and "GB" in infeasible["reason"]
+    client = MlflowClient(summary["tracking_uri"])
+    run = client.get_run(infeasible["mlflow_run_id"])
+    assert run.data.tags["status"] == "infeasible" and run.data.tags["reason"] == infeasible["reason"]
+    assert summary["best"] == by_preset["smoke"]["trial_id"]
+
+
+@pytest.mark.ray
+def test_multi_worker_trials_run_on_a_torch_trainer(tmp_path, ray_instance, corpus_path):
+    summary = run_sweep(sweep(tmp_path, corpus_path, num_samples=1, workers_per_trial=2, scheduler="fifo",
+                              concurrency=1))
+    (trial,) = summary["trials"]
+    assert trial["status"] == "completed" and trial["model_version"], trial
+    run = MlflowClient(summary["tracking_uri"]).get_run(trial["mlflow_run_id"])
+    assert run.data.tags["workers"] == "2" and len(json.loads(run.data.tags["data_shards"])) == 2
+    assert list((tmp_path / "ray" / "sweep-test" / "trainers" / trial["trial_id"]).glob("step_*"))
+
+
+@pytest.mark.ray
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, ray_instance, corpus_path):
+    import ray
+    cfg = sweep(tmp_path, corpus_path, num_samples=3, concurrency=1, scheduler="fifo", max_steps=12)
+    cmd = [sys.executable, "-m", "orchestrator", "tune", "--space", cfg.spaces[0], "--preset", "smoke",
+           "--num-samples", "3", "--max-steps", "12", "--concurrency", "1", "--scheduler", "fifo",
+           "--experiment", cfg.experiment, "--storage", cfg.storage, "--mlflow-uri", cfg.tracking_uri,
+           "--address", ray.get_runtime_context().gcs_address]
+    for key, value in cfg.sets.items():
+        cmd += ["--set", f"{key}={value}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    sweep_dir = tmp_path / "ray" / cfg.experiment
+    finished = []
+    deadline = time.time() + 300
+    while time.time() < deadline and not finished:
+        time.sleep(2)
+        for result_file in sweep_dir.glob("*/result.json"):
+            lines = result_file.read_text().splitlines()
+            if lines and json.loads(lines[-1]).get("status") == "completed":
+                finished.append(result_file)
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+    assert finished, "no trial finished in time"
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C does
+    proc.wait(120)
+    snapshot = {f: (f.stat().st_mtime_ns, f.read_text()) for f in finished}
+
+    summary = run_sweep(Sweep(**{**cfg.__dict__, "resume": True}))
+    assert len(summary["trials"]) == 3
+    assert all(t["status"] == "completed" for t in summary["trials"]), summary["trials"]
+    for f, (mtime, text) in snapshot.items():
+        assert (f.stat().st_mtime_ns, f.read_text()) == (mtime, text), f"{f.parent.name} was run again"
+    client = MlflowClient(summary["tracking_uri"])
+    children = children_of(client, cfg.experiment, summary["parent_run_id"])
+    assert len(children) == 3, "a restored trial must log into its own child run, not a new one"
