@@ -332,6 +332,8 @@ class PairDataset:
     val: Split
     teacher: str  # teacher_id the embeddings came from
     embed_dim: int
+    # Baseline metrics computed on the full training split, set when `train` is one worker's shard.
+    baselines: dict | None = None
 
 
 def _read_table(path: Path) -> pa.Table:

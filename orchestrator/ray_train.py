@@ -23,9 +23,10 @@ import torch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, flatten, resolved, run_tags
 from .context import RunContext
+from .data import PairDataset
 from .tracking import (MlflowTracker, check_tracking_uri, finish_run, read_summary, resolve_tracking_uri,
                        start_run)
-from .train import train_loop
+from .train import load_data, train_loop, worker_shards
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +111,18 @@ class RayTrainContext(RayContext):
 
 def _train_worker(config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs (again, after a restart)."""
+    import ray
     run = config["run"]
     ctx = RayTrainContext(run["fault_dir"])
     tracker = MlflowTracker(run["tracking_uri"], run["mlflow_run_id"]) if ctx.rank == 0 else None
-    train_loop(config["train"], ctx, tracker)
+    data = ray.get(run["data_shards"][ctx.rank])  # this worker's rows only, from the object store
+    train_loop(config["train"], ctx, tracker, data=data)
+
+
+def put_shards(data: PairDataset, cfg: TrainConfig, workers: int) -> list:
+    """Object-store references to each worker's dataset: workers need no shared filesystem."""
+    import ray
+    return [ray.put(part) for part in worker_shards(data, workers, cfg.val_max_samples)]
 
 
 @dataclass
@@ -132,24 +141,27 @@ class Launch:
     model_alias: str | None = None      # registry alias for the registered version
 
 
-def _storage_path(storage: str | None) -> str:
+def storage_path(storage: str | None) -> str:
+    """--storage, else ENERGY_LATTICE_STORAGE (how a cluster names its shared storage), else ./ray_results."""
+    storage = storage or os.environ.get("ENERGY_LATTICE_STORAGE")
     if storage and "://" in storage:
         return storage
     return str(Path(storage or "ray_results").resolve())
 
 
-def build_trainer(cfg: TrainConfig, launch: Launch, *, tracking_uri: str, mlflow_run_id: str, run_name: str,
-                  callbacks: list | None = None):
+def build_trainer(cfg: TrainConfig, launch: Launch, data: PairDataset, *, tracking_uri: str, mlflow_run_id: str,
+                  run_name: str, callbacks: list | None = None):
     """The TorchTrainer that runs `train_loop` on `launch.workers` workers and logs into the run."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    storage = _storage_path(launch.storage)
+    storage = storage_path(launch.storage)
     resources = {"CPU": launch.cpus_per_worker, **({"GPU": launch.gpus_per_worker} if launch.gpus_per_worker else {})}
     return TorchTrainer(
         _train_worker,
         train_loop_config={"train": dataclasses.asdict(cfg),
                            "run": {"tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
+                                   "data_shards": put_shards(data, cfg, launch.workers),
                                    "fault_dir": str(Path(storage) / run_name) if "://" not in storage else None}},
         scaling_config=ScalingConfig(num_workers=launch.workers, use_gpu=launch.gpus_per_worker > 0,
                                      resources_per_worker=resources),
@@ -177,13 +189,13 @@ def run_ray_train(cfg: TrainConfig, launch: Launch) -> dict[str, Any]:
     check_tracking_uri(uri, alive_node_count())
     cfg = prepare_config(cfg)
     run_name = launch.run_name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = _storage_path(launch.storage)
+    storage = storage_path(launch.storage)
     tags = {**run_tags(cfg, launch.workers), "ray_train_run": run_name}
     run_id = start_run(uri, launch.experiment, run_name, params=flatten(cfg), tags=tags,
                        parent_run_id=launch.parent_run_id)
     log.info("MLflow run %s in experiment %r at %s", run_id, launch.experiment, uri)
 
-    trainer = build_trainer(cfg, launch, tracking_uri=uri, mlflow_run_id=run_id, run_name=run_name)
+    trainer = build_trainer(cfg, launch, load_data(cfg), tracking_uri=uri, mlflow_run_id=run_id, run_name=run_name)
     try:
         result, error = trainer.fit(), None
     except Exception as e:  # Ray raises once max_failures restarts are used up

@@ -14,6 +14,7 @@ good checkpoint stays where it is.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -164,6 +165,15 @@ def load_data(cfg: TrainConfig) -> PairDataset:
                         max_rows=cfg.max_rows)
 
 
+def worker_shards(data: PairDataset, world_size: int, val_max_samples: int) -> list[PairDataset]:
+    """One dataset per rank: its share of the training rows, the validation rows, and the baselines
+    computed once on the full training split (so every rank and every run compares the same way)."""
+    val = data.val.take(range(min(len(data.val), val_max_samples)))
+    base = baselines(data.train, val)
+    return [dataclasses.replace(data, train=shard(data.train, rank, world_size), baselines=base)
+            for rank in range(world_size)]
+
+
 def _validate(model: EnergyLattice, val: Split, cfg: TrainConfig, ctx: RunContext,
               device: torch.device) -> tuple[dict[str, float], list[str]]:
     """Validation metrics over all ranks: each rank evaluates its share of the rows."""
@@ -185,15 +195,22 @@ def _validate(model: EnergyLattice, val: Split, cfg: TrainConfig, ctx: RunContex
 
 def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = None,
                tracker: Tracker | None = None, data: PairDataset | None = None) -> dict[str, Any]:
-    """Train one model; return the run summary (see SUMMARY_KEYS). Safe to call in any worker."""
+    """Train one model; return the run summary (see SUMMARY_KEYS). Safe to call in any worker.
+
+    `data`, if given, holds the training rows of this worker only (see `worker_shards`); without it
+    the loop loads `config.data_path` and takes this rank's share itself.
+    """
     cfg = resolved(config if isinstance(config, TrainConfig) else config_from_dict(config))
     ctx = ctx or LocalContext(Path("runs") / cfg.preset, keep=cfg.keep_checkpoints)
     tracker = tracker if (tracker is not None and ctx.rank == 0) else Tracker()
     device = ctx.device(cfg.device)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
-    data = data or load_data(cfg)
-    train_rows = shard(data.train, ctx.rank, ctx.world_size)
+    # Given data is this worker's share already (a launcher sharded it); loaded data is sharded here.
+    train_rows = data.train if data is not None else None
+    if data is None:
+        data = load_data(cfg)
+        train_rows = shard(data.train, ctx.rank, ctx.world_size)
     val = data.val.take(range(min(len(data.val), cfg.val_max_samples)))
     train_inputs = torch.from_numpy(train_rows.input_emb).to(device)
     train_targets = torch.from_numpy(train_rows.target_emb).to(device)
@@ -223,7 +240,7 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
         log.info("resumed from %s at step %d", source, step)
     ddp_model = ctx.wrap_model(model)
 
-    base = baselines(data.train, val) if ctx.rank == 0 else {}
+    base = (data.baselines or baselines(data.train, val)) if ctx.rank == 0 else {}
     # Which rows each rank trains on (count and fingerprint), so a run shows its sharding.
     shards = _all_gather([ctx.rank, len(train_rows), _fingerprint(train_rows.input_texts)])
     if step == 0:

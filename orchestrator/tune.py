@@ -38,9 +38,11 @@ from model import PRESETS
 from model.config import ConfigError, base_type, check_field, field_spec
 
 from .config import TrainConfig, flatten, make_config, run_tags
-from .ray_train import Launch, RayContext, _storage_path, alive_node_count, build_trainer, connect, prepare_config
-from .tracking import (MlflowTracker, client_for, check_tracking_uri, end_run, log_params, register_checkpoint,
+from .data import PairDataset
+from .ray_train import Launch, RayContext, alive_node_count, build_trainer, connect, prepare_config, storage_path
+from .tracking import (MlflowTracker, check_tracking_uri, client_for, end_run, log_params, register_checkpoint,
                        resolve_tracking_uri, start_run)
+from .train import load_data, train_loop, worker_shards
 
 log = logging.getLogger(__name__)
 
@@ -187,12 +189,11 @@ def _trial_run_id(sweep: dict[str, Any], trial_id: str, cfg: TrainConfig, sample
                      parent_run_id=sweep["parent_run_id"])
 
 
-def run_trial(config: dict[str, Any]) -> None:
-    """The function every Tune trial runs."""
+def run_trial(config: dict[str, Any], data: PairDataset) -> None:
+    """The function every Tune trial runs; `data` comes through the object store."""
     import ray.tune
 
     from .planner import MemoryBudgetError, plan_batch
-    from .train import train_loop
 
     sweep = config["sweep"]
     trial_id = ray.tune.get_context().get_trial_id()
@@ -210,14 +211,15 @@ def run_trial(config: dict[str, Any]) -> None:
         return
     cfg = dataclasses.replace(cfg, batch_size=plan.batch)
     if sweep["workers_per_trial"] == 1:
-        train_loop(cfg, TuneContext(extra), MlflowTracker(sweep["tracking_uri"], run_id))
+        (worker_data,) = worker_shards(data, 1, cfg.val_max_samples)
+        train_loop(cfg, TuneContext(extra), MlflowTracker(sweep["tracking_uri"], run_id), data=worker_data)
         return
     from ray.tune.integration.ray_train import TuneReportCallback
     launch = Launch(workers=sweep["workers_per_trial"], gpus_per_worker=sweep["gpus_per_trial"],
                     storage=str(Path(sweep["storage"]) / sweep["name"] / "trainers"),
                     max_failures=sweep["max_failures"])
-    trainer = build_trainer(prepare_config(cfg), launch, tracking_uri=sweep["tracking_uri"], mlflow_run_id=run_id,
-                            run_name=trial_id, callbacks=[TuneReportCallback()])
+    trainer = build_trainer(prepare_config(cfg), launch, data, tracking_uri=sweep["tracking_uri"],
+                            mlflow_run_id=run_id, run_name=trial_id, callbacks=[TuneReportCallback()])
     trainer.fit()
 
 
@@ -314,13 +316,14 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
     connect(sweep.address)
     uri = resolve_tracking_uri(sweep.tracking_uri)
     check_tracking_uri(uri, alive_node_count())
-    storage = _storage_path(sweep.storage)
+    storage = storage_path(sweep.storage)
     sweep_dir = Path(storage) / sweep.experiment
     device_type = "cuda" if sweep.gpus_per_trial else "cpu"
     concurrent = sweep.concurrency or max(1, int(_cluster_cpus() // max(1, sweep.workers_per_trial)))
     budget = (int(sweep.trial_memory_gb * 2**30) if sweep.trial_memory_gb
               else available_memory_bytes(device_type) // (1 if device_type == "cuda" else concurrent))
-    trainable = tune.with_resources(run_trial, _trial_resources(sweep))
+    # The dataset is loaded (and embedded) once here and reaches every trial through the object store.
+    trainable = tune.with_resources(tune.with_parameters(run_trial, data=load_data(base)), _trial_resources(sweep))
 
     if sweep.resume:
         if not (sweep_dir / SWEEP_FILE).exists():
