@@ -138,6 +138,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "debug": dict(width=20, height=20, depth=10, carrier_hidden=256, carrier_layers=2),
     "experiment": dict(width=28, height=28, depth=60, carrier_hidden=512, carrier_layers=3),
     "optimized": dict(width=100, height=100, depth=50, carrier_hidden=1024, carrier_layers=3, **_BIG),
+    # A CPU-sized ladder for the progressive-scaling demo: both share one carrier, so weights carry over.
+    "scale-12": dict(width=12, height=12, depth=8, carrier_hidden=64, carrier_layers=1),
+    "scale-24": dict(width=24, height=24, depth=12, carrier_hidden=64, carrier_layers=1),
     "scale-50": dict(width=50, height=50, depth=25, carrier_hidden=256, carrier_layers=2),
     "scale-150": dict(width=150, height=150, depth=75, carrier_hidden=256, carrier_layers=2, **_BIG),
     "scale-300": dict(width=300, height=300, depth=150, carrier_hidden=256, carrier_layers=2, **_BIG),

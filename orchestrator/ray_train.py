@@ -116,7 +116,8 @@ def _train_worker(config: dict[str, Any]) -> None:
     ctx = RayTrainContext(run["fault_dir"])
     tracker = MlflowTracker(run["tracking_uri"], run["mlflow_run_id"]) if ctx.rank == 0 else None
     data = ray.get(run["data_shards"][ctx.rank])  # this worker's rows only, from the object store
-    train_loop(config["train"], ctx, tracker, data=data)
+    init_state = ray.get(run["init_state"]) if run.get("init_state") is not None else None
+    train_loop(config["train"], ctx, tracker, data=data, init_state=init_state)
 
 
 def put_shards(data: PairDataset, cfg: TrainConfig, workers: int) -> list:
@@ -139,6 +140,8 @@ class Launch:
     max_failures: int = 2
     parent_run_id: str | None = None    # nest the MLflow run under this one (sweeps, scaling jobs)
     model_alias: str | None = None      # registry alias for the registered version
+    mlflow_run_id: str | None = None    # log into this existing run (a restarted job) instead of a new one
+    run_tags: dict[str, str] | None = None  # extra tags for the MLflow run
 
 
 def storage_path(storage: str | None) -> str:
@@ -150,8 +153,9 @@ def storage_path(storage: str | None) -> str:
 
 
 def build_trainer(cfg: TrainConfig, launch: Launch, data: PairDataset, *, tracking_uri: str, mlflow_run_id: str,
-                  run_name: str, callbacks: list | None = None):
+                  run_name: str, callbacks: list | None = None, init_state: dict | None = None):
     """The TorchTrainer that runs `train_loop` on `launch.workers` workers and logs into the run."""
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -162,6 +166,7 @@ def build_trainer(cfg: TrainConfig, launch: Launch, data: PairDataset, *, tracki
         train_loop_config={"train": dataclasses.asdict(cfg),
                            "run": {"tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
                                    "data_shards": put_shards(data, cfg, launch.workers),
+                                   "init_state": ray.put(init_state) if init_state is not None else None,
                                    "fault_dir": str(Path(storage) / run_name) if "://" not in storage else None}},
         scaling_config=ScalingConfig(num_workers=launch.workers, use_gpu=launch.gpus_per_worker > 0,
                                      resources_per_worker=resources),
@@ -182,20 +187,23 @@ def prepare_config(cfg: TrainConfig) -> TrainConfig:
     return resolved(dataclasses.replace(cfg, data_path=str(Path(cfg.data_path).resolve())))
 
 
-def run_ray_train(cfg: TrainConfig, launch: Launch) -> dict[str, Any]:
-    """Train with a TorchTrainer; return the summary with `mlflow_run_id` and `model_version`."""
+def run_ray_train(cfg: TrainConfig, launch: Launch, init_state: dict | None = None) -> dict[str, Any]:
+    """Train with a TorchTrainer; return the summary with `mlflow_run_id` and `model_version`.
+
+    `init_state`: model weights to start from unless the run resumes from its own checkpoint."""
     connect(launch.address)
     uri = resolve_tracking_uri(launch.tracking_uri)
     check_tracking_uri(uri, alive_node_count())
     cfg = prepare_config(cfg)
     run_name = launch.run_name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = storage_path(launch.storage)
-    tags = {**run_tags(cfg, launch.workers), "ray_train_run": run_name}
-    run_id = start_run(uri, launch.experiment, run_name, params=flatten(cfg), tags=tags,
-                       parent_run_id=launch.parent_run_id)
+    tags = {**run_tags(cfg, launch.workers), "ray_train_run": run_name, **(launch.run_tags or {})}
+    run_id = launch.mlflow_run_id or start_run(uri, launch.experiment, run_name, params=flatten(cfg), tags=tags,
+                                               parent_run_id=launch.parent_run_id)
     log.info("MLflow run %s in experiment %r at %s", run_id, launch.experiment, uri)
 
-    trainer = build_trainer(cfg, launch, load_data(cfg), tracking_uri=uri, mlflow_run_id=run_id, run_name=run_name)
+    trainer = build_trainer(cfg, launch, load_data(cfg), tracking_uri=uri, mlflow_run_id=run_id, run_name=run_name,
+                            init_state=init_state)
     try:
         result, error = trainer.fit(), None
     except Exception as e:  # Ray raises once max_failures restarts are used up

@@ -194,11 +194,13 @@ def _validate(model: EnergyLattice, val: Split, cfg: TrainConfig, ctx: RunContex
 
 
 def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = None,
-               tracker: Tracker | None = None, data: PairDataset | None = None) -> dict[str, Any]:
+               tracker: Tracker | None = None, data: PairDataset | None = None,
+               init_state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Train one model; return the run summary (see SUMMARY_KEYS). Safe to call in any worker.
 
     `data`, if given, holds the training rows of this worker only (see `worker_shards`); without it
-    the loop loads `config.data_path` and takes this rank's share itself.
+    the loop loads `config.data_path` and takes this rank's share itself. `init_state` holds model
+    weights to start from when there is no checkpoint to resume (e.g. the previous scaling stage's).
     """
     cfg = resolved(config if isinstance(config, TrainConfig) else config_from_dict(config))
     ctx = ctx or LocalContext(Path("runs") / cfg.preset, keep=cfg.keep_checkpoints)
@@ -238,6 +240,8 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
             step = int(state["step"])
             _set_rng_state(state["rng"][min(ctx.rank, len(state["rng"]) - 1)])
         log.info("resumed from %s at step %d", source, step)
+    elif init_state is not None:
+        model.load_state_dict(init_state)
     ddp_model = ctx.wrap_model(model)
 
     base = (data.baselines or baselines(data.train, val)) if ctx.rank == 0 else {}
@@ -246,7 +250,9 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
     if step == 0:
         tracker.log_params(flatten(cfg))
         log_config(tracker, asdict(cfg))
-        tracker.set_tags({**run_tags(cfg, ctx.world_size), "data_shards": json.dumps(shards)})
+        tracker.set_tags({**run_tags(cfg, ctx.world_size), "data_shards": json.dumps(shards),
+                          "init_weights": state_fingerprint(model.state_dict()),
+                          "init_source": "given weights" if init_state is not None else "random"})
         tracker.log_metrics({**base, "parameters": count_parameters(model)}, step=0)
     log.info("training %s: %d parameters, %d train rows on this worker, %d validation rows, device %s",
              cfg.preset, count_parameters(model), len(train_rows), len(val), device)
@@ -364,6 +370,15 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
 
 def _fingerprint(texts: list[str]) -> str:
     return hashlib.sha1("\n".join(texts).encode()).hexdigest()[:12]
+
+
+def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """A short hash of model weights, to show which weights a run started from."""
+    h = hashlib.sha1()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _decode_examples(model: EnergyLattice, val: Split, cfg: TrainConfig, device: torch.device) -> list[str]:

@@ -1,0 +1,224 @@
+"""Progressive scaling: train stage after stage on growing lattices, each stage starting from the
+previous stage's best weights (neuron and carrier copied, mapper and collector interpolated).
+
+    python jobs/progressive_scaling.py                                   # scale-50 -> scale-150 -> scale-300
+    python jobs/progressive_scaling.py --stages scale-12,scale-24        # the CPU demo (`make run`)
+    ray job submit --working-dir . -- python jobs/progressive_scaling.py --workers 4 --gpus-per-worker 1
+
+Each stage is a Ray Train run, logged as a nested MLflow child run of the job's parent run and
+registered as a version of `energy-lattice` with the alias `stage-<preset>`. Its batch size comes
+from the memory planner for the memory a worker actually has (or `--batch`).
+
+The job keeps its state in MLflow: restarted with the same `--experiment` and stages, it finds its
+unfinished parent run, skips stages whose child run completed, and resumes the unfinished stage in
+the same child run and the same Ray run, which Ray Train restores from its latest checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from model import PRESETS
+from model.transfer import transfer
+
+from .config import make_config, parse_sets
+from .ray_train import Launch, alive_node_count, connect, run_ray_train
+from .tracking import (REGISTERED_MODEL, check_tracking_uri, client_for, end_run, load_registered_model,
+                       resolve_tracking_uri, start_run)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STAGES = ["scale-50", "scale-150", "scale-300"]
+JOB_KIND = "progressive_scaling"
+
+
+@dataclass
+class ScalingJob:
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
+    steps_per_stage: int = 300
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    batch: int | None = None               # None: the memory planner decides per stage
+    sets: dict[str, Any] = field(default_factory=dict)
+    experiment: str = "energy-lattice-scaling"
+    storage: str | None = None
+    tracking_uri: str | None = None
+    address: str | None = None
+    max_failures: int = 2
+
+
+def _memory_probe(device_type: str) -> int:
+    from .planner import available_memory_bytes
+    return available_memory_bytes(device_type)
+
+
+def worker_memory_budget(job: ScalingJob) -> int:
+    """Memory one training worker can use, measured on a node where a worker would run."""
+    import ray
+    device_type = "cuda" if job.gpus_per_worker else "cpu"
+    probe = ray.remote(num_cpus=job.cpus_per_worker, num_gpus=job.gpus_per_worker)(_memory_probe)
+    found = ray.get(probe.remote(device_type))
+    # A GPU is one worker's own; CPU workers may share a node's memory.
+    return found if device_type == "cuda" else found // job.workers
+
+
+def _find_or_start_parent(uri: str, job: ScalingJob) -> tuple[str, bool]:
+    client = client_for(uri)
+    exp = client.get_experiment_by_name(job.experiment)
+    stages = ",".join(job.stages)
+    if exp is not None:
+        runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], filter_string=(
+            f"tags.kind = '{JOB_KIND}' and tags.stages = '{stages}' and attributes.status = 'RUNNING'"))
+        if runs:
+            return runs[0].info.run_id, True
+    settings = {k: v for k, v in dataclasses.asdict(job).items() if k != "sets"}
+    params = {**{f"job.{k}": v for k, v in settings.items()}, **{f"set.{k}": v for k, v in job.sets.items()}}
+    run_id = start_run(uri, job.experiment, f"progressive-{stages}", params=params,
+                       tags={"kind": JOB_KIND, "stages": stages})
+    return run_id, False
+
+
+def _stage_runs(uri: str, experiment: str, parent_run_id: str) -> dict[str, Any]:
+    client = client_for(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    return {r.data.tags["stage"]: r for r in runs if "stage" in r.data.tags}
+
+
+def _row(preset: str, run, *, skipped: bool) -> dict[str, Any]:
+    m, t = run.data.metrics, run.data.tags
+    return {"preset": preset, "lattice": t.get("lattice"), "steps": int(float(run.data.params.get("max_steps", 0))),
+            "batch": int(float(run.data.params.get("batch_size", 0))), "val_cosine": m.get("val_cosine"),
+            "val_top1": m.get("val_top1"), "model_version": t.get("model_version"),
+            "mlflow_run_id": run.info.run_id, "status": t.get("status"), "skipped": skipped,
+            "init_from": t.get("init_from")}
+
+
+def run_job(job: ScalingJob) -> dict[str, Any]:
+    """Run (or resume) the job; return its summary with one row per stage."""
+    from .planner import plan_batch
+
+    unknown = [s for s in job.stages if s not in PRESETS]
+    if unknown:
+        raise ValueError(f"unknown stage preset(s) {unknown}; choose from {', '.join(PRESETS)}")
+    configs = {p: make_config(p, {**job.sets, "max_steps": job.steps_per_stage}) for p in job.stages}  # validate all
+
+    connect(job.address)
+    uri = resolve_tracking_uri(job.tracking_uri)
+    check_tracking_uri(uri, alive_node_count())
+    parent_id, resumed = _find_or_start_parent(uri, job)
+    log.info("%s job %s (MLflow parent run %s)", "resuming" if resumed else "starting", ",".join(job.stages), parent_id)
+    done = _stage_runs(uri, job.experiment, parent_id)
+    client = client_for(uri)
+
+    rows, previous_version, status, budget = [], None, "completed", None
+    for index, preset in enumerate(job.stages):
+        run = done.get(preset)
+        if run is not None and run.data.tags.get("status") == "completed" and run.data.tags.get("model_version"):
+            log.info("stage %s finished earlier (version %s); skipping it", preset, run.data.tags["model_version"])
+            rows.append(_row(preset, run, skipped=True))
+            previous_version = run.data.tags["model_version"]
+            continue
+        cfg = configs[preset]
+        if job.batch:
+            batch = job.batch
+        else:
+            budget = budget or worker_memory_budget(job)
+            batch = plan_batch(cfg.model.resolved(), budget, device_type="cuda" if job.gpus_per_worker else "cpu",
+                               max_batch=cfg.batch_size).batch
+        cfg = dataclasses.replace(cfg, batch_size=batch)
+        init_state, init_from = None, "random"
+        if previous_version is not None:
+            init_from = f"models:/{REGISTERED_MODEL}/{previous_version}"
+            source = load_registered_model(init_from, uri)
+            init_state = transfer(source, cfg.model.resolved()).state_dict()
+        launch = Launch(workers=job.workers, cpus_per_worker=job.cpus_per_worker, gpus_per_worker=job.gpus_per_worker,
+                        storage=job.storage, tracking_uri=uri, experiment=job.experiment,
+                        run_name=f"{preset}-{parent_id[:12]}",  # stable across restarts of this job only
+                        address=job.address, max_failures=job.max_failures, parent_run_id=parent_id,
+                        model_alias=f"stage-{preset}", mlflow_run_id=run.info.run_id if run else None,
+                        run_tags={"stage": preset, "stage_index": str(index), "init_from": init_from,
+                                  "batch_from": "--batch" if job.batch else "planner"})
+        log.info("stage %s: batch %d, starting from %s", preset, batch, init_from)
+        summary = run_ray_train(cfg, launch, init_state=init_state)
+        rows.append(_row(preset, client.get_run(summary["mlflow_run_id"]), skipped=False))
+        if summary["status"] != "completed":
+            status = summary["status"]
+            log.error("stage %s ended %s; the job stops here (rerun to resume)", preset, status)
+            break
+        previous_version = summary["model_version"]
+        client.log_metric(parent_id, "stage_val_cosine", summary.get("val_cosine") or float("nan"), step=index)
+
+    client.log_dict(parent_id, {"stages": rows}, "stages.json")
+    if status == "completed":
+        end_run(uri, parent_id, "completed")
+    return {"status": status, "stages": rows, "parent_run_id": parent_id, "tracking_uri": uri,
+            "experiment": job.experiment, "resumed": resumed}
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    uri = summary["tracking_uri"]
+    print(f"\nprogressive scaling: {summary['status']} (MLflow experiment {summary['experiment']}, "
+          f"parent run {summary['parent_run_id']})")
+    print(f"  {'stage':10s} {'lattice':12s} {'steps':>6s} {'batch':>6s} {'val_cos':>8s} {'top1':>6s} "
+          f"{'version':>8s}  started from")
+    for r in summary["stages"]:
+        cos = f"{r['val_cosine']:.4f}" if r["val_cosine"] is not None else "-"
+        top1 = f"{r['val_top1']:.3f}" if r["val_top1"] is not None else "-"
+        print(f"  {r['preset']:10s} {r['lattice'] or '-':12s} {r['steps']:>6d} {r['batch']:>6d} {cos:>8s} "
+              f"{top1:>6s} {str(r['model_version']):>8s}  {r['init_from'] or '-'}"
+              + ("  (finished earlier)" if r["skipped"] else ""))
+    ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith(("sqlite:", "file:")) else uri
+    print(f"\n  browse the runs:  {ui}")
+
+
+def build_parser():
+    from .cli import _Parser
+    p = _Parser(prog="progressive_scaling.py", description="Train stage after stage on growing lattices.")
+    p.add_argument("--stages", default=",".join(DEFAULT_STAGES), help="comma-separated presets, smallest first")
+    p.add_argument("--steps-per-stage", type=int, default=ScalingJob.steps_per_stage)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--batch", type=int, help="batch size per worker for every stage (default: the memory planner)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every stage")
+    p.add_argument("--experiment", default=ScalingJob.experiment,
+                   help="MLflow experiment; rerunning with the same one resumes an unfinished job")
+    p.add_argument("--storage", help="folder or URI for Ray's checkpoints (default: ENERGY_LATTICE_STORAGE, "
+                                     "else ./ray_results)")
+    p.add_argument("--mlflow-uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, as `ray job submit` sets it, else embedded)")
+    p.add_argument("--max-failures", type=int, default=2)
+    p.add_argument("--summary-json", help="write the job summary here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import EXIT_USAGE, USER_ERRORS, UserError, _setup_logging, _write_json
+    try:
+        args = build_parser().parse_args(argv)
+        job = ScalingJob(stages=[s.strip() for s in args.stages.split(",") if s.strip()],
+                         steps_per_stage=args.steps_per_stage, workers=args.workers,
+                         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                         batch=args.batch, sets=parse_sets(args.set or []), experiment=args.experiment,
+                         storage=args.storage, tracking_uri=args.mlflow_uri, address=args.address,
+                         max_failures=args.max_failures)
+        if job.workers < 1 or job.steps_per_stage < 1 or (job.batch is not None and job.batch < 1):
+            raise UserError("--workers, --steps-per-stage and --batch must be at least 1")
+        _setup_logging()
+        started = time.perf_counter()
+        summary = run_job(job)
+        summary["wall_time_s"] = time.perf_counter() - started
+        if args.summary_json:
+            _write_json(args.summary_json, summary)
+        print_table(summary)
+        return 0 if summary["status"] == "completed" else 1
+    except (UserError, *USER_ERRORS) as e:
+        import sys
+        print(f"error: {e}".splitlines()[0], file=sys.stderr)
+        return EXIT_USAGE
