@@ -183,6 +183,10 @@ def cmd_tune(args) -> int:
         trial_memory_gb=args.trial_memory_gb))
     if args.summary_json:
         _write_json(args.summary_json, summary)
+    if summary["status"] == "interrupted":
+        print(f"\nsweep {args.experiment} interrupted; its state is saved under {summary['sweep_path']}. Continue "
+              f"it with the same command plus --resume.")
+        return 1
     print(f"\nsweep {args.experiment}: {len(summary['trials'])} trials, best {summary['best']}")
     print(f"  {'trial':22s} {'status':11s} {'val_cos':>8s} {'version':>7s}  params")
     for t in summary["trials"]:

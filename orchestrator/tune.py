@@ -70,6 +70,10 @@ class SearchSpace:
                 "quniform": lambda a: tune.quniform(*a)}
         return {key: make[dist](args) for key, (dist, args) in self.entries.items()}
 
+    def grid_size(self) -> int:
+        """Trials per sample: the product of the grid axes' lengths."""
+        return math.prod(len(args) for dist, args in self.entries.values() if dist == "grid")
+
     def describe(self) -> dict[str, str]:
         return {key: f"{dist}({', '.join(map(str, args))})" for key, (dist, args) in self.entries.items()}
 
@@ -249,7 +253,9 @@ class Sweep:
 
 def _trial_resources(sweep: Sweep) -> dict[str, float]:
     if sweep.workers_per_trial > 1:
-        return {"CPU": 0}  # the trial only waits on its TorchTrainer, whose workers hold the resources
+        # The trial only waits on its TorchTrainer, whose workers hold the real resources; Tune
+        # needs a non-empty request, hence a token share.
+        return {"CPU": 0.01}
     return {"CPU": 1, **({"GPU": sweep.gpus_per_trial} if sweep.gpus_per_trial else {})}
 
 
@@ -267,6 +273,7 @@ def _best_checkpoint(result, workers_per_trial: int) -> tuple[str | None, dict[s
 
 
 def _finish_trial(uri: str, result, sweep: Sweep, trial_id: str, run_id: str | None) -> dict[str, Any]:
+    """Close a trial's child run: final status, its best checkpoint registered (once)."""
     metrics = result.metrics or {}
     status = metrics.get("status")
     if result.error is not None:
@@ -275,8 +282,13 @@ def _finish_trial(uri: str, result, sweep: Sweep, trial_id: str, run_id: str | N
         status = "stopped"  # ended by the scheduler before max_steps
     path, best = _best_checkpoint(result, sweep.workers_per_trial)
     version = None
+    finished_before = None
     if run_id:
         client = client_for(uri)
+        finished_before = client.get_run(run_id)
+    if finished_before is not None and finished_before.info.status != "RUNNING":
+        version = finished_before.data.tags.get("model_version")  # closed by an earlier pass
+    elif run_id:
         client.set_tag(run_id, "status", status)
         if metrics.get("reason"):
             client.set_tag(run_id, "reason", metrics["reason"])
@@ -366,6 +378,11 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_cosine",
                                                         checkpoint_score_order="max")))
     grid = tuner.fit()
+    if _interrupted(sweep_dir, expected_trials=sweep.num_samples * space.grid_size()):
+        log.warning("sweep %s was interrupted; continue it with --resume", sweep.experiment)
+        return {"status": "interrupted", "trials": [], "best": None, "parent_run_id": parent_run_id,
+                "tracking_uri": uri, "sweep_path": str(sweep_dir), "wall_time_s": time.perf_counter() - started,
+                "trial_train_time_s": 0.0}
 
     run_ids = _trial_run_ids(uri, sweep.experiment, parent_run_id)
     trials = []
@@ -379,9 +396,18 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
     best = max(scored, key=lambda t: t["val_cosine"]) if scored else None
     _finish_parent(uri, parent_run_id, trials, best, space)
     wall = time.perf_counter() - started
-    return {"trials": trials, "best": best["trial_id"] if best else None, "parent_run_id": parent_run_id,
+    return {"status": "completed", "trials": trials, "best": best["trial_id"] if best else None,
+            "parent_run_id": parent_run_id,
             "tracking_uri": uri, "sweep_path": str(sweep_dir), "wall_time_s": wall,
             "trial_train_time_s": sum(t["train_time_s"] or 0.0 for t in trials)}
+
+
+def _interrupted(sweep_dir: Path, expected_trials: int) -> bool:
+    """After Ctrl-C, Tune saves its state and returns normally; the saved trial statuses (and, with
+    trials created lazily, their count) tell an interrupted sweep from a finished one."""
+    from ray.tune import ExperimentAnalysis
+    trials = ExperimentAnalysis(str(sweep_dir)).trials
+    return len(trials) < expected_trials or any(t.status not in ("TERMINATED", "ERROR") for t in trials)
 
 
 def _cluster_cpus() -> float:
@@ -403,7 +429,8 @@ def _finish_parent(uri: str, run_id: str, trials: list[dict[str, Any]], best: di
                 client.log_metric(run_id, key, value)
         best_run = client.get_run(best["mlflow_run_id"])
         client.log_dict(run_id, best_run.data.params, "best_config.json")
-        log_params(client, run_id, {f"best.{k}": v for k, v in best["params"].items()})
+        logged = client.get_run(run_id).data.params
+        log_params(client, run_id, {f"best.{k}": v for k, v in best["params"].items() if f"best.{k}" not in logged})
     with tempfile.TemporaryDirectory() as tmp:
         path = parallel_coordinates(trials, list(space.entries), Path(tmp) / "params_vs_val_cosine.png")
         client.log_artifact(run_id, str(path))

@@ -108,7 +108,7 @@ def test_infeasible_trial_ends_with_its_reason_and_the_sweep_goes_on(tmp_path, r
     assert by_preset["smoke"]["status"] == "completed"
     infeasible = by_preset["scale-300"]
     assert infeasible["status"] == "infeasible" and infeasible["val_cosine"] is None
-    assert "budget" in infeasible["reason"] and "GB" in infeasible["reason"]
+    assert "needs an estimated" in infeasible["reason"] and "over the budget of 3.00 GiB" in infeasible["reason"]
     client = MlflowClient(summary["tracking_uri"])
     run = client.get_run(infeasible["mlflow_run_id"])
     assert run.data.tags["status"] == "infeasible" and run.data.tags["reason"] == infeasible["reason"]
@@ -137,7 +137,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     for key, value in cfg.sets.items():
         cmd += ["--set", f"{key}={value}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sweep_dir = tmp_path / "ray" / cfg.experiment
     finished = []
     deadline = time.time() + 300
@@ -150,14 +150,15 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
         assert proc.poll() is None, proc.stderr.read()[-2000:]
     assert finished, "no trial finished in time"
     proc.send_signal(signal.SIGINT)  # what Ctrl-C does
-    proc.wait(120)
-    snapshot = {f: (f.stat().st_mtime_ns, f.read_text()) for f in finished}
+    assert proc.wait(120) == 1 and "--resume" in proc.stdout.read()
+    # A trial run again appends new results (new timestamps); Tune may rewrite the file unchanged.
+    snapshot = {f: f.read_text() for f in finished}
 
     summary = run_sweep(Sweep(**{**cfg.__dict__, "resume": True}))
     assert len(summary["trials"]) == 3
     assert all(t["status"] == "completed" for t in summary["trials"]), summary["trials"]
-    for f, (mtime, text) in snapshot.items():
-        assert (f.stat().st_mtime_ns, f.read_text()) == (mtime, text), f"{f.parent.name} was run again"
+    for f, text in snapshot.items():
+        assert f.read_text() == text, f"{f.parent.name} was run again"
     client = MlflowClient(summary["tracking_uri"])
     children = children_of(client, cfg.experiment, summary["parent_run_id"])
     assert len(children) == 3, "a restored trial must log into its own child run, not a new one"
