@@ -2,10 +2,12 @@
 with `ray start --head` (token auth on), and restarted after an interruption."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,17 +59,18 @@ def started_from_previous_stage(uri, first_version, second_run):
 
 
 @pytest.fixture
-def head_node(tmp_path):
+def head_node(tmp_path_factory):
     """`ray start --head` on 127.0.0.1 with token auth, in its own process group so that only this
     cluster is stopped afterwards (`ray stop` would also stop the tests' shared instance)."""
     dashboard = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rayhead-")  # short: Ray's socket paths must stay under 108 bytes
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
     env.update(RAY_AUTH_MODE="token", PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
     ray_bin = Path(sys.executable).parent / "ray"
     proc = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                              f"--port={free_port()}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dashboard}", "--disable-usage-stats",
-                             f"--temp-dir={tmp_path / 'ray-head'}"],
+                             f"--temp-dir={temp_dir}"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
@@ -84,6 +87,7 @@ def head_node(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_two_stages_each_starting_from_the_last(tmp_path, head_node, corpus_path):
