@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
+# The main job on the embedded defaults: local Ray, MLflow in ./mlflow.db, checkpoints in ./ray_results.
 run: install
-	$(PY) -m orchestrator train --local --preset debug --max-steps 200
+	$(PY) jobs/progressive_scaling.py --stages scale-12,scale-24 --steps-per-stage 300
 
 test: install
 	$(PY) -m pytest

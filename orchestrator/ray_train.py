@@ -156,7 +156,7 @@ def build_trainer(cfg: TrainConfig, launch: Launch, data: PairDataset, *, tracki
                   run_name: str, callbacks: list | None = None, init_state: dict | None = None):
     """The TorchTrainer that runs `train_loop` on `launch.workers` workers and logs into the run."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     storage = storage_path(launch.storage)
@@ -172,6 +172,8 @@ def build_trainer(cfg: TrainConfig, launch: Launch, data: PairDataset, *, tracki
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=run_name, storage_path=storage, callbacks=callbacks,
+            # Ray Train logs every report at INFO; our own log and MLflow already say what happened.
+            logging_config=LoggingConfig(log_level="WARNING"),
             failure_config=FailureConfig(max_failures=launch.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                checkpoint_score_attribute="val_cosine",
