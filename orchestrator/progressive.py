@@ -27,8 +27,8 @@ from model.transfer import transfer
 
 from .config import make_config, parse_sets
 from .ray_train import Launch, alive_node_count, connect, run_ray_train
-from .tracking import (REGISTERED_MODEL, check_tracking_uri, client_for, end_run, load_registered_model,
-                       resolve_tracking_uri, start_run)
+from .tracking import (REGISTERED_MODEL, check_tracking_uri, child_runs, client_for, end_run,
+                       load_registered_model, resolve_tracking_uri, start_run)
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +83,6 @@ def _find_or_start_parent(uri: str, job: ScalingJob) -> tuple[str, bool]:
     return run_id, False
 
 
-def _stage_runs(uri: str, experiment: str, parent_run_id: str) -> dict[str, Any]:
-    client = client_for(uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
-    return {r.data.tags["stage"]: r for r in runs if "stage" in r.data.tags}
-
-
 def _row(preset: str, run, *, skipped: bool) -> dict[str, Any]:
     m, t = run.data.metrics, run.data.tags
     return {"preset": preset, "lattice": t.get("lattice"), "steps": int(float(run.data.params.get("max_steps", 0))),
@@ -113,7 +106,7 @@ def run_job(job: ScalingJob) -> dict[str, Any]:
     check_tracking_uri(uri, alive_node_count())
     parent_id, resumed = _find_or_start_parent(uri, job)
     log.info("%s job %s (MLflow parent run %s)", "resuming" if resumed else "starting", ",".join(job.stages), parent_id)
-    done = _stage_runs(uri, job.experiment, parent_id)
+    done = child_runs(uri, job.experiment, parent_id, "stage")
     client = client_for(uri)
 
     rows, previous_version, status, budget = [], None, "completed", None

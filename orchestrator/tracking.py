@@ -82,6 +82,15 @@ def start_run(uri: str, experiment: str, run_name: str, *, params: dict[str, Any
     return run.info.run_id
 
 
+def child_runs(uri: str, experiment: str, parent_run_id: str, key_tag: str) -> dict[str, Any]:
+    """The runs nested under a parent run, keyed by the value of their `key_tag` tag
+    (a sweep's trials by `trial_id`, a scaling job's stages by `stage`)."""
+    client = client_for(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    return {r.data.tags[key_tag]: r for r in runs if key_tag in r.data.tags}
+
+
 def log_params(client, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
     items = [Param(k, str(v)) for k, v in params.items()]

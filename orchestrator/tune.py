@@ -40,8 +40,8 @@ from model.config import ConfigError, base_type, check_field, field_spec
 from .config import TrainConfig, flatten, make_config, run_tags
 from .data import PairDataset
 from .ray_train import Launch, RayContext, alive_node_count, build_trainer, connect, prepare_config, storage_path
-from .tracking import (MlflowTracker, check_tracking_uri, client_for, end_run, log_params, register_checkpoint,
-                       resolve_tracking_uri, start_run)
+from .tracking import (MlflowTracker, check_tracking_uri, child_runs, client_for, end_run, log_params,
+                       register_checkpoint, resolve_tracking_uri, start_run)
 from .train import load_data, train_loop, worker_shards
 
 log = logging.getLogger(__name__)
@@ -181,12 +181,9 @@ def trial_config(config: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
 
 def _trial_run_id(sweep: dict[str, Any], trial_id: str, cfg: TrainConfig, sampled: dict[str, Any]) -> str:
     """The trial's MLflow child run: found again by tag after a restore, else created."""
-    client = client_for(sweep["tracking_uri"])
-    exp = client.get_experiment_by_name(sweep["experiment"])
-    found = client.search_runs([exp.experiment_id], filter_string=(
-        f"tags.trial_id = '{trial_id}' and tags.`mlflow.parentRunId` = '{sweep['parent_run_id']}'"))
-    if found:
-        return found[0].info.run_id
+    found = child_runs(sweep["tracking_uri"], sweep["experiment"], sweep["parent_run_id"], "trial_id")
+    if trial_id in found:
+        return found[trial_id].info.run_id
     return start_run(sweep["tracking_uri"], sweep["experiment"], trial_id, params=flatten(cfg),
                      tags={**run_tags(cfg, sweep["workers_per_trial"]), "trial_id": trial_id, "status": "running",
                            "sampled": json.dumps(sampled, default=str), "sweep": sweep["name"]},
@@ -304,13 +301,6 @@ def _finish_trial(uri: str, result, sweep: Sweep, trial_id: str, run_id: str | N
             "train_time_s": metrics.get("time_total_s"), "checkpoint": path}
 
 
-def _trial_run_ids(uri: str, experiment: str, parent_run_id: str) -> dict[str, str]:
-    client = client_for(uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
-    return {r.data.tags["trial_id"]: r.info.run_id for r in runs if "trial_id" in r.data.tags}
-
-
 def run_sweep(sweep: Sweep) -> dict[str, Any]:
     """Run (or, with `resume`, continue) a sweep; return its summary."""
     from ray import tune
@@ -384,7 +374,8 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
                 "tracking_uri": uri, "sweep_path": str(sweep_dir), "wall_time_s": time.perf_counter() - started,
                 "trial_train_time_s": 0.0}
 
-    run_ids = _trial_run_ids(uri, sweep.experiment, parent_run_id)
+    run_ids = {trial: run.info.run_id for trial, run in child_runs(uri, sweep.experiment, parent_run_id,
+                                                                     "trial_id").items()}
     trials = []
     for n, result in enumerate(grid):
         trial_id = (result.metrics or {}).get("trial_id") or f"unreported-{n}"  # never reached a report
