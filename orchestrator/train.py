@@ -208,11 +208,11 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
     device = ctx.device(cfg.device)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
-    # Given data is this worker's share already (a launcher sharded it); loaded data is sharded here.
-    train_rows = data.train if data is not None else None
     if data is None:
         data = load_data(cfg)
         train_rows = shard(data.train, ctx.rank, ctx.world_size)
+    else:  # a launcher sharded it already
+        train_rows = data.train
     val = data.val.take(range(min(len(data.val), cfg.val_max_samples)))
     train_inputs = torch.from_numpy(train_rows.input_emb).to(device)
     train_targets = torch.from_numpy(train_rows.target_emb).to(device)
@@ -232,7 +232,7 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
         state, source = resumed
         check_compatible(state, cfg.model, source=f"checkpoint {source}")
         model.load_state_dict(state["model"])
-        if "optimizer" in state:  # weights-only checkpoints (e.g. a previous stage) start a fresh optimizer
+        if "optimizer" in state:  # a weights-only checkpoint (model + config) restarts the optimizer
             optimizer.load_state_dict(state["optimizer"])
             schedule.load_state_dict(state["schedule"])
             scaler.load_state_dict(state["scaler"])
