@@ -89,7 +89,10 @@ class StepGRU(nn.Module):
             w_ih, w_hh = getattr(self, f"weight_ih_l{layer}"), getattr(self, f"weight_hh_l{layer}")
             b_ih, b_hh = getattr(self, f"bias_ih_l{layer}"), getattr(self, f"bias_hh_l{layer}")
             x_rz, x_n = torch.addmm(b_ih, x, w_ih.t()).split([2 * hc, hc], dim=1)
-            h_rz, h_n = torch.addmm(b_hh, h, w_hh.t()).split([2 * hc, hc], dim=1)
+            # The state's n-gate gets its own matmul: backward keeps h_n, and a view of one (N, 3Hc)
+            # result would keep all of it alive until then.
+            (w_hrz, w_hn), (b_hrz, b_hn) = w_hh.split([2 * hc, hc]), b_hh.split([2 * hc, hc])
+            h_rz, h_n = torch.addmm(b_hrz, h, w_hrz.t()), torch.addmm(b_hn, h, w_hn.t())
             r, z = torch.sigmoid(x_rz + h_rz).chunk(2, dim=1)
             n = torch.tanh(torch.addcmul(x_n, r, h_n))
             x = torch.lerp(n, h.to(n.dtype), z)  # n + z * (h - n); autocast may have lowered n
