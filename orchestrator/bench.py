@@ -27,7 +27,7 @@ from model import EnergyLattice, flow_step_flops, lattice_loss, preset
 
 from .data import PairDataset
 from .evaluation import decode, text_metrics
-from .planner import peak_memory_bytes, reset_peak_memory
+from .planner import keep_freed_memory, peak_memory_bytes, reset_peak_memory
 
 DEFAULT_PRESETS = ("debug", "experiment", "scale-50")
 # Batches that run in seconds to a minute per step on a 2-core CPU; --batch overrides them.
@@ -183,15 +183,16 @@ def _cpu_model() -> str:
 
 def run_bench(presets: list[str], *, batch: int | None = None, device: str = "auto", repeats: int = 3,
               overrides: dict[str, Any] | None = None, data: PairDataset | None = None,
-              log=print) -> dict[str, Any]:
+              cpu_keep_freed_memory: bool = False, log=print) -> dict[str, Any]:
     """Bench every preset in this process; returns {"machine": ..., "presets": {name: figures}}."""
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
+    kept = dev.type == "cpu" and cpu_keep_freed_memory and keep_freed_memory()
     if data is None:
         from .config import make_config
         from .train import load_data
         data = load_data(make_config("debug"))
-    result: dict[str, Any] = {"machine": machine_info(dev), "presets": {}}
+    result: dict[str, Any] = {"machine": {**machine_info(dev), "cpu_keep_freed_memory": kept}, "presets": {}}
     for name in presets:
         b = batch or DEFAULT_BATCH.get(name, 1)
         log(f"bench {name} at batch {b} on {dev} ...")

@@ -19,26 +19,31 @@ Trained models use far fewer (bench reports the real steps used), so pass `flows
 
 The formula (see `_terms` for the itemised bytes and where each constant comes from):
 
-    kept = batch * flow_steps * kept_bytes_per_flow_step     what backward keeps from every step
-    peak = 16 * parameters + working                         fp32 weights, grads, AdamW's two moments
-         + kept * (1 + heap_overhead) + base                 (CPU: glibc's heap holes; process RSS)
-         + batch * flows_per_sample * step_bytes_per_flow    one checkpointed step recomputed
+    peak = 16 * parameters + working                          fp32 weights, grads, AdamW's two moments
+         + batch * flow_steps * kept_bytes_per_flow_step      what backward keeps from every step
+         + batch * flows_per_sample * step_bytes_per_flow     one checkpointed step, recomputed
+         + base                                               CPU only: the process (torch, libraries)
 
-The tensor part (everything but base and heap_overhead) is what torch.cuda.max_memory_allocated
-would count; on CPU it was checked against the peak RSS of processes that return every freed block
-to the OS (MALLOC_MMAP_THRESHOLD_=65536): within 3-7% on debug, experiment, scale-50 and scale-150.
-A training process does not do that (page faults cost too much here), so the CPU estimate adds the
-process base and the heap's holes, both calibrated on this project's CPU machine (2-core AMD EPYC,
-torch 2.13, glibc 2.36) with
+It predicts the memory a training step needs: on CUDA what torch.cuda.max_memory_allocated counts;
+on CPU the peak RSS of a process whose allocator hands freed memory straight back. "Measured peak"
+means exactly that here:
 
     python -m orchestrator plan --preset P --batch B --measure
 
-which trains MEASURE_STEPS (4) steps forced into the assumed worst case (min_steps = max_steps,
-spawning switched to reach the cap at the first step) in a fresh subprocess and reads its peak RSS
-(VmHWM). "Measured peak" in this module always means that number. The heap's holes are the least
-predictable part: the same run measured up to 20% apart, and longer runs were seen to creep a
-further 10-40% over 12 steps, so leave headroom in budgets for long CPU runs. The CUDA path is not
-calibrated: no GPU was available when this was written.
+trains MEASURE_STEPS steps forced into the assumed worst case (min_steps = max_steps, spawning
+switched to reach the cap at the first step) in a fresh subprocess with MALLOC_MMAP_THRESHOLD_=65536,
+so glibc returns every freed block to the OS and RSS follows live memory, and reads its peak RSS
+(VmHWM). Calibrated on this project's CPU machine (2-core AMD EPYC, torch 2.13, glibc 2.36), the
+estimate is 3-7% above it on debug, experiment, scale-50 and scale-150 (README, Benchmarks).
+
+A real CPU training process keeps freed memory in glibc's heap for reuse (returning it costs a page
+fault per 4 KiB, which here made training 1.8x slower), and the heap's holes come on top: the same
+worst-case runs under default glibc settings measured 1.3x-2.5x the live peak, in clusters that
+moved with address-space randomisation. So plans leave that room: a batch fits when its
+`required_bytes` = base + (estimate - base) * (1 + headroom) is within the budget, with headroom 1.7
+on CPU (the worst ratio seen of what the step allocates, 2.66x on debug, rounded up) and 0.2 on
+CUDA, whose caching allocator was not measured (no GPU was available here).
+TrainConfig.cpu_keep_freed_memory makes the heap bigger still; see `keep_freed_memory`.
 """
 from __future__ import annotations
 
@@ -65,8 +70,8 @@ CPU_BASE_BYTES = int(0.33 * GiB)   # RSS of a fresh process holding torch and th
 WORKING_BYTES = 32 * 2**20         # allocator and autograd bookkeeping that does not grow with the model
 KEPT_VALUES_PER_UNIT = 6           # per flow-step and carrier unit, without checkpointing (see _terms)
 STEP_VALUES_PER_UNIT = 11          # per active flow and carrier unit: one checkpointed step recomputed
-HEAP_OVERHEAD = 0.8                # glibc heap holes per byte of kept activations (CPU only; see _terms)
-MEASURE_STEPS = 4                  # training steps a measurement runs; glibc's heap settles after 2-3
+MEASURE_STEPS = 3                  # training steps a measurement runs (from the 2nd on, AdamW's state exists)
+HEADROOM = {"cpu": 1.7, "cuda": 0.2}  # room plans leave for allocator slack (see the module docstring)
 
 
 class MemoryBudgetError(ValueError):
@@ -81,11 +86,8 @@ class Plan:
     device_type: str
     flows_per_sample: int   # the flow count the estimate assumed (default: the cap)
     steps: int              # the flow steps the estimate assumed (default: max_steps)
-
-    def describe(self) -> str:
-        return (f"batch {self.batch}: estimated peak {self.estimate_bytes / GiB:.2f} GiB of a "
-                f"{self.budget_bytes / GiB:.2f} GiB budget ({self.device_type}; assumes "
-                f"{self.flows_per_sample} flows per sample for {self.steps} flow steps)")
+    headroom: float         # room left for the allocator, on top of what the step allocates
+    required_bytes: int     # the estimate with that room: what must fit the budget
 
 
 def _dtype_bytes(cfg: ModelConfig) -> tuple[int, int]:
@@ -118,9 +120,7 @@ def _terms(cfg: ModelConfig) -> dict[str, int]:
     The state is stored in `saved_state_dtype`, the rest in the autocast dtype. With checkpointing
     only the step's inputs are kept (the state, position, energy, gather index), and backward
     recomputes one step at a time: its activations and their gradients, 11 values per unit.
-
-    On CPU, glibc's heap keeps the holes that freed temporaries leave between kept activations:
-    peak RSS over the kept bytes measured 1.3x-2.4x, median 1.8x (HEAP_OVERHEAD = 0.8).
+    Both constants were read off measured peaks (see the module docstring).
     """
     compute, state = _dtype_bytes(cfg)
     units = cfg.carrier_hidden * cfg.carrier_layers
@@ -148,9 +148,10 @@ def _load(cfg: ModelConfig, flows_per_sample: int | None, steps: int | None) -> 
 
 def estimate_peak_bytes(model_cfg: ModelConfig, batch: int, *, device_type: str = "cpu",
                         flows_per_sample: int | None = None, steps: int | None = None) -> int:
-    """Predicted peak memory of training: peak RSS on CPU, max_memory_allocated on CUDA.
+    """Predicted peak memory of a training step: max_memory_allocated on CUDA; on CPU, peak RSS with
+    no allocator slack (see the module docstring; plans add HEADROOM for it).
 
-    Defaults assume the worst case the config allows (see the module docstring)."""
+    Defaults assume the worst case the config allows."""
     if batch < 1:
         raise ValueError(f"batch={batch} must be at least 1")
     cfg = model_cfg.resolved()
@@ -162,39 +163,61 @@ def estimate_peak_bytes(model_cfg: ModelConfig, batch: int, *, device_type: str 
     fixed = 16 * _parameters(cfg) + WORKING_BYTES  # fp32 weights, grads and AdamW's two moments
     if device_type == "cpu":
         fixed += CPU_BASE_BYTES
-        kept *= 1 + HEAP_OVERHEAD
     return int(fixed + kept + batch * flows * terms["step_per_flow"])
 
 
 def check_batch(model_cfg: ModelConfig, batch: int, budget_bytes: int, *, device_type: str = "cpu",
-                flows_per_sample: int | None = None, steps: int | None = None) -> Plan:
-    """The plan for this batch, or MemoryBudgetError when its estimate exceeds the budget."""
+                headroom: float | None = None, flows_per_sample: int | None = None,
+                steps: int | None = None) -> Plan:
+    """The plan for this batch, or MemoryBudgetError when its required bytes exceed the budget.
+
+    headroom (default HEADROOM[device_type]) is the allocator's slack, as a fraction of what the step
+    allocates (the estimate less the CPU process base, which does not fragment)."""
+    headroom = HEADROOM.get(device_type, HEADROOM["cuda"]) if headroom is None else headroom
+    if headroom < 0:
+        raise ValueError(f"headroom={headroom} must be at least 0")
     cfg = model_cfg.resolved()
     flows, steps, _ = _load(cfg, flows_per_sample, steps)
     estimate = estimate_peak_bytes(cfg, batch, device_type=device_type, flows_per_sample=flows, steps=steps)
-    plan = Plan(batch, estimate, int(budget_bytes), device_type, flows, steps)
-    if estimate > budget_bytes:
+    base = CPU_BASE_BYTES if device_type == "cpu" else 0
+    required = int(base + (estimate - base) * (1 + headroom))
+    plan = Plan(batch, estimate, int(budget_bytes), device_type, flows, steps, headroom, required)
+    if required > budget_bytes:
         raise MemoryBudgetError(
             f"{cfg.width}x{cfg.height}x{cfg.depth} (carrier {cfg.carrier_hidden}x{cfg.carrier_layers}) at "
-            f"batch {batch} needs an estimated {estimate / GiB:.2f} GiB, over the budget of "
-            f"{budget_bytes / GiB:.2f} GiB ({device_type}; assumes {flows} flows per sample for {steps} "
-            f"flow steps; activation_checkpointing and saved_state_dtype=bf16 cut it)")
+            f"batch {batch} needs an estimated {estimate / GiB:.2f} GiB ({required / GiB:.2f} GiB with "
+            f"{headroom:.0%} allocator headroom), over the budget of {budget_bytes / GiB:.2f} GiB ({device_type}; "
+            f"assumes {flows} flows per sample for {steps} flow steps); {_savings_hint(cfg, batch)}")
     return plan
 
 
+def _savings_hint(cfg: ModelConfig, batch: int) -> str:
+    knobs = [] if batch == 1 else ["a smaller batch"]
+    if not cfg.activation_checkpointing:
+        knobs.append("model.activation_checkpointing=true")
+    if cfg.saved_state_dtype != "bf16":
+        knobs.append("model.saved_state_dtype=bf16")
+    knobs.append("a lower model.max_flows_per_sample or model.max_steps")
+    return "try " + ", ".join(knobs)
+
+
 def plan_batch(model_cfg: ModelConfig, budget_bytes: int, *, device_type: str = "cpu", max_batch: int = 4096,
-               flows_per_sample: int | None = None, steps: int | None = None) -> Plan:
-    """The largest batch in [1, max_batch] whose estimated peak fits the budget.
+               headroom: float | None = None, flows_per_sample: int | None = None,
+               steps: int | None = None) -> Plan:
+    """The largest batch in [1, max_batch] whose estimated peak plus headroom fits the budget.
 
     Raises MemoryBudgetError (naming estimate and budget) when not even batch 1 fits."""
-    kwargs = dict(device_type=device_type, flows_per_sample=flows_per_sample, steps=steps)
+    if max_batch < 1:
+        raise ValueError(f"max_batch={max_batch} must be at least 1")
+    kwargs = dict(device_type=device_type, headroom=headroom, flows_per_sample=flows_per_sample, steps=steps)
     check_batch(model_cfg, 1, budget_bytes, **kwargs)
     lo, hi = 1, max_batch  # the estimate grows with the batch: bisect for the last batch that fits
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if estimate_peak_bytes(model_cfg, mid, **kwargs) <= budget_bytes:
+        try:
+            check_batch(model_cfg, mid, budget_bytes, **kwargs)
             lo = mid
-        else:
+        except MemoryBudgetError:
             hi = mid - 1
     return check_batch(model_cfg, lo, budget_bytes, **kwargs)
 
@@ -229,6 +252,25 @@ def _meminfo_bytes(key: str) -> int:
 
 # ------------------------------------------------------------------------------------------------
 # Process memory: what the planner is calibrated against, and what bench reports.
+
+def keep_freed_memory() -> bool:
+    """Keep memory PyTorch frees in this process for reuse instead of handing it back to the OS.
+
+    glibc serves every allocation above its mmap threshold (32 MiB at most) with a fresh mmap and
+    unmaps it on free, so on large lattices every activation of every flow step is born in
+    untouched pages and pays a page fault per 4 KiB, which on this project's CPU machine costs about
+    as much as the matmuls: scale-300 at batch 1 trains a step in 25 s with this instead of 42 s.
+    The price is fragmentation: freed blocks stay in the heap, and peak RSS was measured 1.3x-2.6x
+    higher (scale-300: 7.4 GB instead of 2.9 GB), more than the planner's CPU estimate covers.
+    Process-wide and for the rest of the process; glibc only (returns False elsewhere).
+    """
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
+    except (OSError, AttributeError):
+        return False
+
 
 def reset_peak_memory(device: torch.device) -> None:
     """Start the peak-memory counter again from what is in use now."""
@@ -279,13 +321,19 @@ class Measurement:
     steps_used: int
 
 
-def measure_peak_bytes(model_cfg: ModelConfig, batch: int, *, device: str = "cpu", timeout: float = 1800) -> Measurement:
+def measure_peak_bytes(model_cfg: ModelConfig, batch: int, *, device: str = "cpu", live_only: bool = True,
+                       timeout: float = 1800) -> Measurement:
     """Measured peak of training `worst_case_config(model_cfg)`: the peak RSS (CPU) or
-    max_memory_allocated (CUDA) of a fresh subprocess over MEASURE_STEPS training steps (from the
-    second on, AdamW's state is allocated and the heap's holes are there, as in every later step)."""
+    max_memory_allocated (CUDA) of a fresh subprocess over MEASURE_STEPS training steps.
+
+    live_only (CPU): glibc returns every freed block to the OS, so RSS follows live memory; this is
+    what the estimate predicts. False: default allocator settings, as a training process runs."""
     spec = json.dumps({"model": dataclasses.asdict(model_cfg), "batch": batch, "device": device})
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if live_only:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     result = subprocess.run([sys.executable, "-m", "orchestrator.planner", spec], capture_output=True, text=True,
                             timeout=timeout, env=env, cwd=root)
     if result.returncode != 0:

@@ -34,6 +34,7 @@ from .config import TrainConfig, config_from_dict, resolved
 from .context import LocalContext, RunContext, Tracker
 from .data import PairDataset, Split, ensure_corpus, load_dataset, shard
 from .evaluation import Decoded, baselines, evaluate, example_rows, text_metrics
+from .planner import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,8 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
     ctx = ctx or LocalContext(Path("runs") / cfg.preset, keep=cfg.keep_checkpoints)
     tracker = tracker if (tracker is not None and ctx.rank == 0) else Tracker()
     device = ctx.device(cfg.device)
+    if device.type == "cpu" and cfg.cpu_keep_freed_memory:
+        keep_freed_memory()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
     data = data or load_data(cfg)
