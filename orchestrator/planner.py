@@ -259,9 +259,9 @@ def keep_freed_memory() -> bool:
     glibc serves every allocation above its mmap threshold (32 MiB at most) with a fresh mmap and
     unmaps it on free, so on large lattices every activation of every flow step is born in
     untouched pages and pays a page fault per 4 KiB, which on this project's CPU machine costs about
-    as much as the matmuls: scale-300 at batch 1 trains a step in 25 s with this instead of 42 s.
-    The price is fragmentation: freed blocks stay in the heap, and peak RSS was measured 1.3x-2.6x
-    higher (scale-300: 7.4 GB instead of 2.9 GB), more than the planner's CPU estimate covers.
+    as much as the matmuls: scale-300 at batch 1 trains a step in 23 s with this instead of 40 s.
+    The price is fragmentation: freed blocks stay in the heap, and peak RSS grows (scale-300: 6.5 GB
+    instead of 3.0 GB), beyond what the planner's headroom was measured for.
     Process-wide and for the rest of the process; glibc only (returns False elsewhere).
     """
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
