@@ -36,6 +36,7 @@ class FlowStats:
     stop_reason: str                 # all_arrived | converged | patience | max_steps
     completion: float                # arrived / created when the loop stopped
     completion_curve: list[float]    # completion after each step
+    active_per_step: list[int]       # flows the dense step ran on at each step (known from the step's sync)
     created: Tensor                  # flows ever created per sample (initial + spawned)
     arrived: Tensor                  # flows that reached a plane on their own
     projected: Tensor                # flows deposited by projection when the loop stopped
@@ -131,6 +132,7 @@ def run_flows(energy_grid: Tensor, step_fn: StepFn, cfg: ModelConfig, *, hidden_
     deposit_value: list[Tensor] = []
     arrived_total, created_total = 0, N
     curve: list[float] = []
+    active = [N]
     best, stale, stop_reason = None, 0, "max_steps"
 
     for step in range(1, cfg.max_steps + 1):
@@ -173,22 +175,29 @@ def run_flows(energy_grid: Tensor, step_fn: StepFn, cfg: ModelConfig, *, hidden_
             in0 = sample == 0
             tr.sample0_paths.append((flow_id[in0].cpu(), new_pos[in0].detach().cpu()))
 
-        # Compaction and spawning in one gather: each kept flow, then its children.
-        src = torch.repeat_interleave(torch.arange(copies.numel(), device=dev), copies, output_size=n_next)
-        first_of_group = (torch.cumsum(copies, 0) - copies)[src]
-        is_child = torch.arange(n_next, device=dev) > first_of_group
-        pos = torch.where(is_child[:, None], pos[src], new_pos[src])
-        energy = (energy_new / (1 + children)[:, None])[src]  # parent and children share equally
-        hidden = hidden_new[:, src]
-        path = torch.where(is_child, path_before[src], path[src])
-        sample = sample[src]
+        # Compaction and spawning in one gather: each kept flow, then its children. A step in which
+        # no flow arrived and none spawned keeps every row in place, so it needs no gather (the
+        # common case early in a pass, and the gather of the carrier state is the costly one).
+        if n_arrived == 0 and n_children == 0:
+            pos, energy, hidden = new_pos, energy_new, hidden_new
+        else:
+            src = torch.repeat_interleave(torch.arange(copies.numel(), device=dev), copies, output_size=n_next)
+            first_of_group = (torch.cumsum(copies, 0) - copies)[src]
+            is_child = torch.arange(n_next, device=dev) > first_of_group
+            pos = torch.where(is_child[:, None], pos.index_select(0, src), new_pos.index_select(0, src))
+            energy = (energy_new / (1 + children)[:, None]).index_select(0, src)  # parent, children share
+            hidden = hidden_new.index_select(1, src)
+            path = torch.where(is_child, path_before.index_select(0, src), path.index_select(0, src))
+            sample = sample.index_select(0, src)
+            if tr is not None:
+                child_rank = torch.cumsum(is_child.long(), 0) - 1
+                flow_id = torch.where(is_child, created_total + child_rank, flow_id.index_select(0, src))
         if tr is not None:
-            child_rank = torch.cumsum(is_child.long(), 0) - 1
-            flow_id = torch.where(is_child, created_total + child_rank, flow_id[src])
             tr.created_total = created_total + n_children
 
         arrived_total += n_arrived
         created_total += n_children
+        active.append(n_next)
         completion = arrived_total / created_total
         curve.append(completion)
         if n_next == 0:
@@ -223,6 +232,6 @@ def run_flows(energy_grid: Tensor, step_fn: StepFn, cfg: ModelConfig, *, hidden_
         0, torch.cat(deposit_index), torch.cat(deposit_value)).view(B, 2, H, W)
     stats = FlowStats(
         steps_used=len(curve), stop_reason=stop_reason, completion=curve[-1] if curve else 0.0,
-        completion_curve=curve, created=created, arrived=arrived_per_sample, projected=projected,
-        path_length_sum=path_sum, remaining_distance=remaining_distance, surface=S)
+        completion_curve=curve, active_per_step=active[:len(curve)], created=created,
+        arrived=arrived_per_sample, projected=projected, path_length_sum=path_sum, remaining_distance=remaining_distance, surface=S)
     return planes, stats, tr

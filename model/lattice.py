@@ -56,6 +56,50 @@ class SimpleNeuron(nn.Module):
         return self.net(torch.cat([pos, energy], dim=1))
 
 
+class StepGRU(nn.Module):
+    """A stacked GRU advanced by one time step: nn.GRU's equations, parameter names, shapes and init
+    (so checkpoints load either way), for inputs (N, in) and state (L, N, Hc) -> new state (L, N, Hc):
+
+        r, z = sigmoid(W_i[rz] x + b_i[rz] + W_h[rz] h + b_h[rz])
+        n    = tanh(W_in x + b_in + r * (W_hn h + b_hn))
+        h'   = n + z * (h - n)
+
+    Why not nn.GRU: on CPU it runs the gate math as many unfused kernels and its autograd graph
+    slices the gate tensors, which in backward zero-fills a full (N, 3Hc) tensor per slice. Here each
+    layer is two matmuls and four elementwise kernels, and the gates are taken apart with split/unbind,
+    whose backward is one concatenation. The flow step is where all the compute is.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int):
+        super().__init__()
+        self.hidden_size, self.num_layers = hidden_size, num_layers
+        for layer in range(num_layers):
+            fan_in = input_size if layer == 0 else hidden_size
+            self.register_parameter(f"weight_ih_l{layer}", nn.Parameter(torch.empty(3 * hidden_size, fan_in)))
+            self.register_parameter(f"weight_hh_l{layer}", nn.Parameter(torch.empty(3 * hidden_size, hidden_size)))
+            self.register_parameter(f"bias_ih_l{layer}", nn.Parameter(torch.empty(3 * hidden_size)))
+            self.register_parameter(f"bias_hh_l{layer}", nn.Parameter(torch.empty(3 * hidden_size)))
+        bound = hidden_size ** -0.5
+        for p in self.parameters():  # nn.GRU's init, in nn.GRU's order
+            nn.init.uniform_(p, -bound, bound)
+
+    def forward(self, x: Tensor, hidden: Tensor) -> Tensor:
+        hc, layers = self.hidden_size, []
+        for layer, h in enumerate(hidden.unbind(0)):
+            w_ih, w_hh = getattr(self, f"weight_ih_l{layer}"), getattr(self, f"weight_hh_l{layer}")
+            b_ih, b_hh = getattr(self, f"bias_ih_l{layer}"), getattr(self, f"bias_hh_l{layer}")
+            x_rz, x_n = torch.addmm(b_ih, x, w_ih.t()).split([2 * hc, hc], dim=1)
+            # The state's n-gate gets its own matmul: backward keeps h_n, and a view of one (N, 3Hc)
+            # result would keep all of it alive until then.
+            (w_hrz, w_hn), (b_hrz, b_hn) = w_hh.split([2 * hc, hc]), b_hh.split([2 * hc, hc])
+            h_rz, h_n = torch.addmm(b_hrz, h, w_hrz.t()), torch.addmm(b_hn, h, w_hn.t())
+            r, z = torch.sigmoid(x_rz + h_rz).chunk(2, dim=1)
+            n = torch.tanh(torch.addcmul(x_n, r, h_n))
+            x = torch.lerp(n, h.to(n.dtype), z)  # n + z * (h - n); autocast may have lowered n
+            layers.append(x)
+        return torch.stack(layers)
+
+
 class EnergyCarrier(nn.Module):
     """A shared GRU that carries a flow: new state, new energy (tanh), and a move in [-1, 1]^3.
 
@@ -65,14 +109,14 @@ class EnergyCarrier(nn.Module):
 
     def __init__(self, in_features: int, hidden: int, layers: int):
         super().__init__()
-        self.gru = nn.GRU(in_features + 1, hidden, layers)
+        self.gru = StepGRU(in_features + 1, hidden, layers)
         self.energy_head = nn.Linear(hidden, 1)
         self.move_head = nn.Linear(hidden, 3)
 
     def forward(self, features: Tensor, energy: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x = torch.cat([features, energy.to(features.dtype)], dim=1)
-        out, hidden = self.gru(x.unsqueeze(0), hidden.to(x.dtype))
-        h = out[0]
+        hidden = self.gru(x, hidden.to(x.dtype))
+        h = hidden[-1]
         return hidden, torch.tanh(self.energy_head(h)), torch.tanh(self.move_head(h))
 
 
@@ -137,6 +181,21 @@ class EnergyLattice(nn.Module):
         planes, stats, flow_trace = run_flows(energy_grid, self._step, self.cfg,
                                               hidden_dtype=self.hidden_dtype, trace=trace)
         return LatticeOutput(self.collector(planes), planes, stats, flow_trace)
+
+
+def flow_step_flops(cfg: ModelConfig) -> int:
+    """Matmul FLOPs of one active flow in one flow step: the carrier's GRU layers and its heads.
+
+    A GRU layer computes three gates, each from its input and its state: 3 matmuls of (in + Hc) x Hc,
+    i.e. 2 * 3 * Hc * (in + Hc) FLOPs (2 per multiply-add), with in = neuron_features + 1 (features
+    and energy) for layer 0 and in = Hc above it. The energy and move heads add 2 * Hc * (1 + 3).
+    Left out: the SimpleNeuron (~1k FLOPs, under 0.1% at debug size) and all elementwise gate math.
+    A forward pass costs this times the sum of FlowStats.active_per_step; a training step about
+    three times that (backward computes a gradient for both operands of every matmul).
+    """
+    hc, inputs = cfg.carrier_hidden, cfg.neuron_features + 1
+    gru = sum(2 * 3 * hc * ((inputs if layer == 0 else hc) + hc) for layer in range(cfg.carrier_layers))
+    return gru + 2 * hc * (1 + 3)
 
 
 def count_parameters(module: nn.Module) -> int:

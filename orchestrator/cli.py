@@ -222,6 +222,70 @@ def cmd_data_build(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# bench and plan (performance; see orchestrator/bench.py and orchestrator/planner.py)
+
+def _model_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """`--set model.key=value` pairs as ModelConfig overrides (bench and plan take no training fields)."""
+    from .config import parse_sets
+    overrides = parse_sets(pairs or [])
+    for key in overrides:
+        if not key.startswith("model."):
+            raise ConfigError(f"{key!r} is not a model field; this command takes model.* fields only")
+    return {k.removeprefix("model."): v for k, v in overrides.items()}
+
+
+def cmd_bench(args) -> int:
+    from model.config import apply_overrides, preset
+    from .bench import DEFAULT_PRESETS, format_table, run_bench
+    overrides = _model_overrides(args.set)
+    if args.batch is not None and args.batch < 1 or args.repeats < 1:
+        raise UserError("--batch and --repeats must be at least 1")
+    presets = args.preset or list(DEFAULT_PRESETS)
+    for name in presets:  # refuse a bad value before anything slow starts
+        apply_overrides(preset(name), overrides)
+    _setup_logging()
+    result = run_bench(presets, batch=args.batch, device=args.device, repeats=args.repeats,
+                       overrides=overrides, cpu_keep_freed_memory=args.keep_freed_memory,
+                       log=lambda msg: print(msg, file=sys.stderr))
+    print(format_table(result))
+    if args.json:
+        _write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from model.config import preset
+    from .planner import GiB, available_memory_bytes, check_batch, estimate_peak_bytes, measure_peak_bytes, plan_batch
+    cfg = preset(args.preset, **_model_overrides(args.set)).resolved()
+    if args.budget_gb is not None and args.budget_gb <= 0:
+        raise UserError("--budget-gb must be positive")
+    budget = int(args.budget_gb * GiB) if args.budget_gb is not None else available_memory_bytes("cpu")
+    load = dict(device_type=args.device_type, flows_per_sample=args.flows_per_sample, steps=args.steps)
+    plan = (check_batch(cfg, args.batch, budget, headroom=args.headroom, **load) if args.batch
+            else plan_batch(cfg, budget, max_batch=args.max_batch, headroom=args.headroom, **load))
+    print(f"{args.preset}: {cfg.width}x{cfg.height}x{cfg.depth}, carrier {cfg.carrier_hidden}x{cfg.carrier_layers}, "
+          f"{args.device_type}, budget {budget / GiB:.2f} GiB"
+          f"{'' if args.budget_gb is not None else ' (memory available now)'}")
+    worst = args.flows_per_sample is None and args.steps is None
+    print(f"  assumes {plan.flows_per_sample} flows per sample for {plan.steps} flow steps"
+          + (" (the cap and max_steps: the worst case spawning and adaptive convergence allow)" if worst else ""))
+    print(f"  batch 1 needs an estimated {estimate_peak_bytes(cfg, 1, **load) / GiB:.2f} GiB")
+    print(f"  batch {plan.batch}: estimated peak {plan.estimate_bytes / GiB:.2f} GiB, "
+          f"{plan.required_bytes / GiB:.2f} GiB with {plan.headroom:.0%} allocator headroom"
+          f"{'' if args.batch else ' (the largest batch that fits)'}")
+    if args.measure:
+        live = measure_peak_bytes(cfg, plan.batch, live_only=True)
+        print(f"  measured live peak {live.peak_bytes / GiB:.2f} GiB (fresh process, worst case forced, freed memory "
+              f"returned at once): estimate / measured = {plan.estimate_bytes / live.peak_bytes:.2f}")
+        rss = measure_peak_bytes(cfg, plan.batch, live_only=False)
+        print(f"  measured peak RSS {rss.peak_bytes / GiB:.2f} GiB with default allocator settings: "
+              f"{rss.peak_bytes / live.peak_bytes:.2f}x the live peak; {budget / GiB:.2f} GiB budget "
+              f"{'holds' if rss.peak_bytes <= budget else 'EXCEEDED'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     from model import PRESETS
@@ -294,6 +358,37 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", help="Parquet file to write (default: the cache's corpus path)")
     build.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher model folder or hub id")
     build.set_defaults(func=cmd_data_build)
+
+    bench = sub.add_parser("bench", help="time the flow step and training step, MFU, peak memory")
+    bench.add_argument("--preset", nargs="+", action="extend", choices=sorted(PRESETS),
+                       help="presets to bench (default: debug experiment scale-50)")
+    bench.add_argument("--batch", type=int, help="batch size for every preset (default: per preset)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed training steps per preset (median)")
+    bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    bench.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a model field for every preset, e.g. model.precision=bf16-mixed")
+    bench.add_argument("--keep-freed-memory", action="store_true",
+                       help="CPU: keep freed memory in the process, as train's cpu_keep_freed_memory does")
+    bench.add_argument("--json", help="write every figure and the machine it ran on here")
+    bench.set_defaults(func=cmd_bench)
+
+    from .planner import HEADROOM
+    plan = sub.add_parser("plan", help="estimate peak training memory and pick the largest batch that fits")
+    plan.add_argument("--preset", default="debug", choices=sorted(PRESETS))
+    plan.add_argument("--budget-gb", type=float, help="memory budget in GiB (default: what this machine has free)")
+    plan.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a model field, e.g. "
+                      "model.activation_checkpointing=true (repeatable)")
+    plan.add_argument("--batch", type=int, help="check this batch instead of picking one")
+    plan.add_argument("--max-batch", type=int, default=4096, help="largest batch to consider")
+    plan.add_argument("--headroom", type=float, help="room for allocator slack, a fraction of what the step allocates "
+                      f"(default {HEADROOM['cpu']} on cpu, {HEADROOM['cuda']} on cuda)")
+    plan.add_argument("--device-type", default="cpu", choices=("cpu", "cuda"),
+                      help="estimate peak RSS (cpu) or max_memory_allocated (cuda)")
+    plan.add_argument("--flows-per-sample", type=int, help="assume this many flows per sample (default: the cap)")
+    plan.add_argument("--steps", type=int, help="assume this many flow steps (default: max_steps)")
+    plan.add_argument("--measure", action="store_true",
+                      help="also measure the peak of that batch in a subprocess (CPU; worst case forced)")
+    plan.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -38,6 +38,7 @@ from .config import TrainConfig, config_from_dict, resolved, run_tags
 from .context import LocalContext, RunContext, Tracker
 from .data import PairDataset, Split, ensure_corpus, load_dataset, shard
 from .evaluation import Decoded, baselines, evaluate, example_rows, text_metrics
+from .planner import keep_freed_memory
 from .plots import make_plots
 from .tracking import log_config
 
@@ -206,6 +207,8 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
     ctx = ctx or LocalContext(Path("runs") / cfg.preset, keep=cfg.keep_checkpoints)
     tracker = tracker if (tracker is not None and ctx.rank == 0) else Tracker()
     device = ctx.device(cfg.device)
+    if device.type == "cpu" and cfg.cpu_keep_freed_memory:
+        keep_freed_memory()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
     if data is None:

@@ -1,0 +1,222 @@
+"""`python -m orchestrator bench`: how fast the flow step runs, and how much memory training takes.
+
+For each preset, in one process: the time of a training step's forward pass and of the whole step
+(forward, backward, optimizer), flow-steps per second, the achieved GFLOP/s of the flow step next
+to an fp32 matmul peak timed in the same process (their ratio is the MFU), peak memory, the flow
+steps adaptive convergence used out of max_steps, and the cost of one decoding pass relative to a
+training step. Warm-up runs first; every figure is the median over repeats.
+
+FLOPs are counted, not measured: `flow_step_flops(cfg)` (GRU gates and heads per active flow per
+step, see model/lattice.py) times the active flows of every step, which the flow processor records
+in FlowStats.active_per_step. A training step counts three times the forward FLOPs (backward
+takes a gradient for both operands of every matmul); checkpointing's recomputation is not counted,
+so checkpointed presets show it as lower MFU.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from model import EnergyLattice, flow_step_flops, lattice_loss, preset
+
+from .data import PairDataset
+from .evaluation import decode, text_metrics
+from .planner import keep_freed_memory, peak_memory_bytes, reset_peak_memory
+
+DEFAULT_PRESETS = ("debug", "experiment", "scale-50")
+# Batches that run in seconds to a minute per step on a 2-core CPU; --batch overrides them.
+DEFAULT_BATCH = {"smoke": 16, "debug": 16, "experiment": 8, "scale-50": 4, "scale-150": 1, "scale-300": 1,
+                 "optimized": 1}
+DECODE_ROWS = 256  # validation rows a decoding pass covers (TrainConfig.val_max_samples' default)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_gflops(device: torch.device, repeats: int = 5) -> float:
+    """Median GFLOP/s of one large fp32 matmul: the yardstick the flow step's MFU is measured against."""
+    n = 8192 if device.type == "cuda" else 4096
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    torch.matmul(a, b)  # warm-up: thread pools, BLAS/cuBLAS handles, allocator
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def decode_pass_seconds(data: PairDataset, repeats: int = 5) -> float:
+    """One decoding pass as the training loop runs it: nearest-neighbour retrieval of validation
+    predictions over the validation target embeddings, then top-1 and BLEU of the decoded texts.
+
+    The input embeddings stand in for the model's predictions: the cost of retrieval and BLEU does not
+    depend on how good the predictions are, and the model's forward pass is validation, not decoding.
+    """
+    val = data.val.take(range(min(len(data.val), DECODE_ROWS)))
+    bank = F.normalize(torch.from_numpy(val.target_emb), dim=-1)
+    pred, target = torch.from_numpy(val.input_emb), torch.from_numpy(val.target_emb)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        text_metrics(decode(pred, target, bank).texts(val), val)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def _machine_cpu_seconds() -> float | None:
+    """CPU seconds every process on this machine has used (Linux /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def bench_preset(name: str, batch: int, device: torch.device, data: PairDataset, *, repeats: int = 3,
+                 overrides: dict[str, Any] | None = None, seed: int = 0) -> dict[str, Any]:
+    """Every figure for one preset at one batch size (see the module docstring)."""
+    cfg = preset(name, **(overrides or {}))
+    torch.manual_seed(seed)
+    model = EnergyLattice(cfg).to(device).train()
+    # lr 0: every repeat runs on the same weights, so it times the same work (AdamW still computes).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    rows = torch.arange(batch) % len(data.train)
+    inputs = torch.from_numpy(data.train.input_emb[rows.numpy()]).to(device)
+    targets = torch.from_numpy(data.train.target_emb[rows.numpy()]).to(device)
+    peak_gflops = matmul_peak_gflops(device)
+    per_flow = flow_step_flops(model.cfg)
+
+    def train_step() -> dict[str, Any]:
+        torch.manual_seed(seed + 1)  # the same flow noise every time
+        _sync(device)
+        start = time.perf_counter()
+        out = model(inputs)
+        loss = lattice_loss(out, targets, model.cfg)
+        _sync(device)
+        forward_done = time.perf_counter()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        end = time.perf_counter()
+        flow_steps = sum(out.stats.active_per_step)
+        return {"forward_s": forward_done - start, "train_step_s": end - start, "flow_steps": flow_steps,
+                "steps_used": out.stats.steps_used, "flops": per_flow * flow_steps}
+
+    machine_start, own_start, wall_start = _machine_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
+    reset_peak_memory(device)
+    train_step()  # warm-up: allocator, thread pools, autograd's first-use costs
+    runs = [train_step() for _ in range(repeats)]
+    peak_bytes = peak_memory_bytes(device)
+
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in runs)
+
+    forward_gflops = statistics.median(r["flops"] / r["forward_s"] for r in runs) / 1e9
+    train_gflops = statistics.median(3 * r["flops"] / r["train_step_s"] for r in runs) / 1e9
+    decode_s = decode_pass_seconds(data)
+    # Share of the machine's CPU that other processes used while this preset ran: the figures of a
+    # CPU run are only worth reporting when it is near 0 (the matmul peak and the model both suffer,
+    # but not equally).
+    interference = None
+    if machine_start is not None:
+        others = (_machine_cpu_seconds() - machine_start) - (_own_cpu_seconds() - own_start)
+        interference = max(0.0, others) / ((time.perf_counter() - wall_start) * (os.cpu_count() or 1))
+    c = model.cfg
+    return {
+        "preset": name, "batch": batch, "device": str(device),
+        "lattice": f"{c.width}x{c.height}x{c.depth}", "carrier": f"{c.carrier_hidden}x{c.carrier_layers}",
+        "activation_checkpointing": c.activation_checkpointing, "saved_state_dtype": c.saved_state_dtype,
+        "precision": c.precision, "repeats": repeats,
+        "forward_s": median("forward_s"), "train_step_s": median("train_step_s"),
+        "flow_steps": median("flow_steps"), "flow_steps_per_s": median("flow_steps") / median("forward_s"),
+        "flops_per_flow_step": per_flow, "forward_gflop": median("flops") / 1e9,
+        "forward_gflops": forward_gflops, "train_gflops": train_gflops, "matmul_peak_gflops": peak_gflops,
+        "mfu_forward": forward_gflops / peak_gflops, "mfu_train": train_gflops / peak_gflops,
+        "peak_mem_gb": peak_bytes / 2**30,
+        "peak_mem_kind": "max_memory_allocated" if device.type == "cuda" else "peak RSS of the process",
+        "steps_used": median("steps_used"), "max_steps": c.max_steps,
+        "steps_used_ratio": median("steps_used") / c.max_steps,
+        "decode_pass_s": decode_s, "decode_overhead": decode_s / median("train_step_s"),
+        "other_processes_cpu_share": interference,
+    }
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info = {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu": _cpu_model(), "load_average_1m": os.getloadavg()[0]}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gb=props.total_memory / 2**30)
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def run_bench(presets: list[str], *, batch: int | None = None, device: str = "auto", repeats: int = 3,
+              overrides: dict[str, Any] | None = None, data: PairDataset | None = None,
+              cpu_keep_freed_memory: bool = False, log=print) -> dict[str, Any]:
+    """Bench every preset in this process; returns {"machine": ..., "presets": {name: figures}}."""
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    kept = dev.type == "cpu" and cpu_keep_freed_memory and keep_freed_memory()
+    if data is None:
+        from .config import make_config
+        from .train import load_data
+        data = load_data(make_config("debug"))
+    result: dict[str, Any] = {"machine": {**machine_info(dev), "cpu_keep_freed_memory": kept}, "presets": {}}
+    for name in presets:
+        b = batch or DEFAULT_BATCH.get(name, 1)
+        log(f"bench {name} at batch {b} on {dev} ...")
+        result["presets"][name] = bench_preset(name, b, dev, data, repeats=repeats, overrides=overrides)
+    result["machine"]["load_average_1m_end"] = os.getloadavg()[0]
+    return result
+
+
+COLUMNS = (("preset", "{}"), ("batch", "{}"), ("forward_s", "{:.3f}"), ("train_step_s", "{:.3f}"),
+           ("flow_steps_per_s", "{:.0f}"), ("forward_gflops", "{:.1f}"), ("matmul_peak_gflops", "{:.1f}"),
+           ("mfu_forward", "{:.2f}"), ("mfu_train", "{:.2f}"), ("peak_mem_gb", "{:.2f}"),
+           ("steps_used", "{:.0f}"), ("max_steps", "{}"), ("decode_overhead", "{:.3f}"),
+           ("other_processes_cpu_share", "{:.2f}"))
+
+
+def format_table(result: dict[str, Any]) -> str:
+    rows = [[fmt.format(figures[key]) if figures[key] is not None else "-" for key, fmt in COLUMNS]
+            for figures in result["presets"].values()]
+    header = [key for key, _ in COLUMNS]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+__all__ = ["DEFAULT_PRESETS", "DEFAULT_BATCH", "bench_preset", "decode_pass_seconds", "format_table",
+           "machine_info", "matmul_peak_gflops", "run_bench"]

@@ -1,0 +1,101 @@
+"""Benchmark and memory planner: FLOP counting, planned batches that fit, refusals that say why.
+
+No test here asserts a speed; the machine is shared and CPU timings are noisy.
+"""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import flow_step_flops, preset, run_flows
+from orchestrator.planner import (GiB, MemoryBudgetError, available_memory_bytes, estimate_peak_bytes,
+                                  measure_peak_bytes, plan_batch)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ})
+
+
+def test_flop_counter_matches_a_hand_count():
+    cfg = dataclasses.replace(preset("smoke"), carrier_hidden=4, carrier_layers=2, neuron_features=3)
+    # layer 0: 3 gates x (4 inputs + 4 state) x 4 units x 2 FLOPs = 192; layer 1 likewise (8 inputs
+    # of which 4 from below); heads: 4 units x (1 + 3) outputs x 2 = 32
+    assert flow_step_flops(cfg) == 192 + 192 + 32
+
+
+def test_active_flows_are_recorded_per_step():
+    # flows on the left half head for a plane at full speed, the rest at half speed
+    cfg = dataclasses.replace(preset("smoke"), max_spawn_per_step=0, min_steps=1, max_steps=40).resolved()
+    k = cfg.straight_path_steps()
+
+    def step(pos, energy, hidden):
+        return hidden, energy, torch.stack([0 * pos[:, 0], 0 * pos[:, 0], torch.where(pos[:, 0] < 0, 1.0, 0.5)], 1)
+
+    B, S = 3, cfg.surface
+    _, stats, _ = run_flows(torch.rand(B, cfg.height, cfg.width), step, cfg, hidden_dtype=torch.float32)
+    assert stats.stop_reason == "all_arrived" and stats.steps_used > k
+    assert stats.active_per_step == [B * S] * k + [B * S // 2] * (stats.steps_used - k)
+
+
+def test_estimate_grows_with_batch_and_shrinks_with_checkpointing():
+    cfg = preset("scale-50")
+    assert estimate_peak_bytes(cfg, 2) > estimate_peak_bytes(cfg, 1)
+    light = dataclasses.replace(cfg, activation_checkpointing=True, saved_state_dtype="bf16")
+    assert estimate_peak_bytes(light, 4) < estimate_peak_bytes(cfg, 4) / 2
+    typical = estimate_peak_bytes(cfg, 4, flows_per_sample=cfg.surface, steps=7)
+    assert typical < estimate_peak_bytes(cfg, 4) / 3
+
+
+def test_estimate_is_within_20_percent_of_the_measured_live_peak():
+    cfg = preset("debug")
+    measured = measure_peak_bytes(cfg, 2, live_only=True)
+    assert measured.flow_steps_per_sample == cfg.resolved().surface + 15 * cfg.resolved().max_flows_per_sample
+    assert 0.8 <= estimate_peak_bytes(cfg, 2) / measured.peak_bytes <= 1.2
+
+
+@pytest.mark.parametrize("name, budget_gb", [("smoke", 0.9), ("debug", 3.0)])
+def test_planned_batch_stays_within_budget_when_measured(name, budget_gb):
+    cfg = preset(name)
+    plan = plan_batch(cfg, int(budget_gb * GiB), max_batch=256)
+    assert plan.batch >= 2 and plan.estimate_bytes < plan.required_bytes <= plan.budget_bytes
+    measured = measure_peak_bytes(cfg, plan.batch, live_only=False)  # as a training process runs
+    assert measured.peak_bytes <= plan.budget_bytes, (plan, measured)
+
+
+def test_over_budget_is_refused_naming_estimate_and_budget():
+    with pytest.raises(MemoryBudgetError, match=r"needs an estimated [\d.]+ GiB \([\d.]+ GiB with 170% allocator headroom\), "
+                                                 r"over the budget of 1.00 GiB"):
+        plan_batch(preset("scale-300"), 1 * GiB)
+    assert issubclass(MemoryBudgetError, ValueError)
+    assert available_memory_bytes("cpu") > 0
+
+
+def test_plan_cli_prints_the_choice_and_refuses_one_line():
+    ok = cli("plan", "--preset", "debug", "--budget-gb", "4", timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "largest batch that fits" in ok.stdout and "budget 4.00 GiB" in ok.stdout
+    refused = cli("plan", "--preset", "scale-300", "--budget-gb", "2", timeout=120)
+    assert refused.returncode == 2
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "over the budget of 2.00 GiB" in lines[0]
+
+
+def test_bench_writes_every_figure(tmp_path, corpus_path):
+    out = tmp_path / "bench.json"
+    result = cli("bench", "--preset", "smoke", "--batch", "4", "--repeats", "1", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    figures = data["presets"]["smoke"]
+    for key in ("mfu_forward", "mfu_train", "matmul_peak_gflops", "flow_steps_per_s", "train_step_s",
+                "peak_mem_gb", "steps_used_ratio", "decode_overhead"):
+        assert isinstance(figures[key], float) and figures[key] > 0, key
+    assert figures["forward_s"] < figures["train_step_s"] and 0 < figures["steps_used_ratio"] <= 1
+    assert data["machine"]["cpu_count"] >= 1
