@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from model.config import ConfigError
 
@@ -392,14 +392,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_guarded(command: Callable[[], int]) -> int:
+    """Run a command body; a user error becomes one line on stderr and exit code 2."""
     try:
-        args = build_parser().parse_args(argv)
-        return args.func(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-    except USER_ERRORS as e:
+        return command()
+    except (UserError, *USER_ERRORS) as e:
         print(f"error: {e}".splitlines()[0], file=sys.stderr)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
     return EXIT_USAGE
+
+
+def main(argv: list[str] | None = None) -> int:
+    def command() -> int:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    return run_guarded(command)

@@ -192,8 +192,9 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import EXIT_USAGE, USER_ERRORS, UserError, _setup_logging, _write_json
-    try:
+    from .cli import UserError, _setup_logging, _write_json, run_guarded
+
+    def command() -> int:
         args = build_parser().parse_args(argv)
         job = ScalingJob(stages=[s.strip() for s in args.stages.split(",") if s.strip()],
                          steps_per_stage=args.steps_per_stage, workers=args.workers,
@@ -211,7 +212,4 @@ def main(argv: list[str] | None = None) -> int:
             _write_json(args.summary_json, summary)
         print_table(summary)
         return 0 if summary["status"] == "completed" else 1
-    except (UserError, *USER_ERRORS) as e:
-        import sys
-        print(f"error: {e}".splitlines()[0], file=sys.stderr)
-        return EXIT_USAGE
+    return run_guarded(command)
