@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from model import PRESETS
@@ -83,13 +84,13 @@ def _find_or_start_parent(uri: str, job: ScalingJob) -> tuple[str, bool]:
     return run_id, False
 
 
-def _row(preset: str, run, *, skipped: bool) -> dict[str, Any]:
+def _row(preset: str, run, *, skipped: bool, checkpoint: str | None = None) -> dict[str, Any]:
     m, t = run.data.metrics, run.data.tags
     return {"preset": preset, "lattice": t.get("lattice"), "steps": int(float(run.data.params.get("max_steps", 0))),
             "batch": int(float(run.data.params.get("batch_size", 0))), "val_cosine": m.get("val_cosine"),
             "val_top1": m.get("val_top1"), "model_version": t.get("model_version"),
             "mlflow_run_id": run.info.run_id, "status": t.get("status"), "skipped": skipped,
-            "init_from": t.get("init_from")}
+            "init_from": t.get("init_from"), "checkpoint": checkpoint}
 
 
 def run_job(job: ScalingJob) -> dict[str, Any]:
@@ -139,7 +140,8 @@ def run_job(job: ScalingJob) -> dict[str, Any]:
                                   "batch_from": "--batch" if job.batch else "planner"})
         log.info("stage %s: batch %d, starting from %s", preset, batch, init_from)
         summary = run_ray_train(cfg, launch, init_state=init_state)
-        rows.append(_row(preset, client.get_run(summary["mlflow_run_id"]), skipped=False))
+        rows.append(_row(preset, client.get_run(summary["mlflow_run_id"]), skipped=False,
+                         checkpoint=summary.get("checkpoint")))
         if summary["status"] != "completed":
             status = summary["status"]
             log.error("stage %s ended %s; the job stops here (rerun to resume)", preset, status)
@@ -168,6 +170,17 @@ def print_table(summary: dict[str, Any]) -> None:
               + ("  (finished earlier)" if r["skipped"] else ""))
     ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith(("sqlite:", "file:")) else uri
     print(f"\n  browse the runs:  {ui}")
+    versions = [r for r in summary["stages"] if r["model_version"]]
+    if versions:
+        last = versions[-1]
+        print(f"  checkpoints:      registered in MLflow, e.g.  "
+              f"python -m orchestrator load models:/{REGISTERED_MODEL}@stage-{last['preset']}")
+    for r in summary["stages"]:
+        if r.get("checkpoint"):
+            print(f"                    {r['preset']}, Ray Train's copy: {r['checkpoint']}")
+    if summary.get("summary_json"):
+        print(f"  summary:          {summary['summary_json']}")
+    print("  logs:             this output; Ray's worker logs under /tmp/ray/session_latest/logs")
 
 
 def build_parser():
@@ -209,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_job(job)
         summary["wall_time_s"] = time.perf_counter() - started
         if args.summary_json:
+            summary["summary_json"] = str(Path(args.summary_json).resolve())
             _write_json(args.summary_json, summary)
         print_table(summary)
         return 0 if summary["status"] == "completed" else 1
