@@ -116,6 +116,18 @@ def test_infeasible_trial_ends_with_its_reason_and_the_sweep_goes_on(tmp_path, r
 
 
 @pytest.mark.ray
+def test_a_diverged_trial_does_not_stop_the_sweep(tmp_path, ray_instance, corpus_path):
+    space = tmp_path / "faults.yaml"
+    space.write_text("fault_nan_loss_at_step: {grid: [6, 100000]}\n")  # the second never fires
+    summary = run_sweep(sweep(tmp_path, corpus_path, spaces=[str(space)], num_samples=1, scheduler="fifo"))
+    by_fault = {t["params"]["fault_nan_loss_at_step"]: t for t in summary["trials"]}
+    assert by_fault[6]["status"] == "diverged" and by_fault[100000]["status"] == "completed"
+    assert summary["status"] == "completed" and summary["best"] == by_fault[100000]["trial_id"]
+    run = MlflowClient(summary["tracking_uri"]).get_run(by_fault[6]["mlflow_run_id"])
+    assert run.data.tags["status"] == "diverged"
+
+
+@pytest.mark.ray
 def test_multi_worker_trials_run_on_a_torch_trainer(tmp_path, ray_instance, corpus_path):
     summary = run_sweep(sweep(tmp_path, corpus_path, num_samples=1, workers_per_trial=2, scheduler="fifo",
                               concurrency=1))
