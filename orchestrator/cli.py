@@ -24,6 +24,7 @@ from .teacher import DEFAULT_TEACHER
 EXIT_USAGE = 2
 USER_ERRORS = (ConfigError, DatasetError, CheckpointError, TrackingConfigError, SpaceError, FileNotFoundError,
                ValueError)
+MLFLOW_URI_HELP = "tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
 
 
 class UserError(Exception):
@@ -81,9 +82,8 @@ def _print_mlflow(summary: dict[str, Any]) -> None:
     if summary.get("mlflow_run_id"):
         print(f"\n  MLflow run   {summary['mlflow_run_id']}   registered energy-lattice version "
               f"{summary.get('model_version')}")
-        uri = summary["tracking_uri"]
-        ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith(("sqlite:", "file:")) else uri
-        print(f"  browse       {ui}")
+        from .tracking import browse_command
+        print(f"  browse       {browse_command(summary['tracking_uri'])}")
 
 
 def _train_local(cfg, args) -> int:
@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     ray_opts.add_argument("--max-failures", type=int, default=2, help="worker-group restarts Ray may make")
     ray_opts.add_argument("--name", help="run name (default <preset>-<time>)")
     tracking = train.add_argument_group("MLflow")
-    tracking.add_argument("--mlflow-uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    tracking.add_argument("--mlflow-uri", help=MLFLOW_URI_HELP)
     tracking.add_argument("--experiment", default="energy-lattice", help="MLflow experiment name")
     tracking.add_argument("--no-mlflow", action="store_true", help="with --local: only write the run folder")
     train.set_defaults(func=cmd_train)
@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     load = sub.add_parser("load", help="load a registered or saved model and check it runs")
     load.add_argument("model_uri", help="models:/energy-lattice/<version>, models:/energy-lattice@<alias>, "
                                         "or a checkpoint folder")
-    load.add_argument("--mlflow-uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    load.add_argument("--mlflow-uri", help=MLFLOW_URI_HELP)
     load.add_argument("--text", help="also run the model on this text's teacher embedding")
     load.add_argument("--teacher", default=DEFAULT_TEACHER)
     load.set_defaults(func=cmd_load)
@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--storage", help="folder or URI for Ray Tune's results (default ./ray_results)")
     tune.add_argument("--trial-memory-gb", type=float, help="memory budget per trial for the planner "
                                                            "(default: node memory / concurrent trials)")
-    tune.add_argument("--mlflow-uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    tune.add_argument("--mlflow-uri", help=MLFLOW_URI_HELP)
     tune.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
     tune.add_argument("--summary-json", help="write the sweep summary here")
     tune.set_defaults(func=cmd_tune)
@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="table of an experiment's runs from MLflow")
     compare.add_argument("--experiment", required=True)
     compare.add_argument("--top", type=int, default=10, help="best K runs by validation cosine")
-    compare.add_argument("--mlflow-uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    compare.add_argument("--mlflow-uri", help=MLFLOW_URI_HELP)
     compare.set_defaults(func=cmd_compare)
 
     data = sub.add_parser("data", help="datasets")

@@ -28,8 +28,8 @@ from model.transfer import transfer
 
 from .config import make_config, parse_sets
 from .ray_train import Launch, alive_node_count, connect, run_ray_train
-from .tracking import (REGISTERED_MODEL, check_tracking_uri, child_runs, client_for, end_run,
-                       load_registered_model, resolve_tracking_uri, start_run)
+from .tracking import (REGISTERED_MODEL, browse_command, check_tracking_uri, child_runs, client_for,
+                       end_run, load_registered_model, resolve_tracking_uri, start_run)
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,6 @@ def run_job(job: ScalingJob) -> dict[str, Any]:
 
 
 def print_table(summary: dict[str, Any]) -> None:
-    uri = summary["tracking_uri"]
     print(f"\nprogressive scaling: {summary['status']} (MLflow experiment {summary['experiment']}, "
           f"parent run {summary['parent_run_id']})")
     print(f"  {'stage':10s} {'lattice':12s} {'steps':>6s} {'batch':>6s} {'val_cos':>8s} {'top1':>6s} "
@@ -168,8 +167,7 @@ def print_table(summary: dict[str, Any]) -> None:
         print(f"  {r['preset']:10s} {r['lattice'] or '-':12s} {r['steps']:>6d} {r['batch']:>6d} {cos:>8s} "
               f"{top1:>6s} {str(r['model_version']):>8s}  {r['init_from'] or '-'}"
               + ("  (finished earlier)" if r["skipped"] else ""))
-    ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith(("sqlite:", "file:")) else uri
-    print(f"\n  browse the runs:  {ui}")
+    print(f"\n  browse the runs:  {browse_command(summary['tracking_uri'])}")
     versions = [r for r in summary["stages"] if r["model_version"]]
     if versions:
         last = versions[-1]
@@ -184,7 +182,7 @@ def print_table(summary: dict[str, Any]) -> None:
 
 
 def build_parser():
-    from .cli import _Parser
+    from .cli import MLFLOW_URI_HELP, _Parser
     p = _Parser(prog="progressive_scaling.py", description="Train stage after stage on growing lattices.")
     p.add_argument("--stages", default=",".join(DEFAULT_STAGES), help="comma-separated presets, smallest first")
     p.add_argument("--steps-per-stage", type=int, default=ScalingJob.steps_per_stage)
@@ -197,7 +195,7 @@ def build_parser():
                    help="MLflow experiment; rerunning with the same one resumes an unfinished job")
     p.add_argument("--storage", help="folder or URI for Ray's checkpoints (default: ENERGY_LATTICE_STORAGE, "
                                      "else ./ray_results)")
-    p.add_argument("--mlflow-uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument("--mlflow-uri", help=MLFLOW_URI_HELP)
     p.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, as `ray job submit` sets it, else embedded)")
     p.add_argument("--max-failures", type=int, default=2)
     p.add_argument("--summary-json", help="write the job summary here")

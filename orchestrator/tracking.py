@@ -46,6 +46,11 @@ def is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
 
+def browse_command(uri: str) -> str:
+    """What to run (a local store) or open (a server) to see this store's runs in the MLflow UI."""
+    return f"mlflow ui --backend-store-uri {uri}" if is_local_store(uri) else uri
+
+
 def check_tracking_uri(uri: str, node_count: int) -> None:
     """Refuse a single-machine store (file or SQLite) when the cluster has more than one node."""
     if node_count > 1 and is_local_store(uri):
