@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from model import EnergyLattice, flow_step_flops, lattice_loss, preset
 
-from .data import PairDataset
+from .data import PairDataset, validation_rows
 from .evaluation import decode, text_metrics
 from .planner import keep_freed_memory, peak_memory_bytes, reset_peak_memory
 
@@ -63,7 +63,7 @@ def decode_pass_seconds(data: PairDataset, repeats: int = 5) -> float:
     The input embeddings stand in for the model's predictions: the cost of retrieval and BLEU does not
     depend on how good the predictions are, and the model's forward pass is validation, not decoding.
     """
-    val = data.val.take(range(min(len(data.val), DECODE_ROWS)))
+    val = validation_rows(data, DECODE_ROWS)
     bank = F.normalize(torch.from_numpy(val.target_emb), dim=-1)
     pred, target = torch.from_numpy(val.input_emb), torch.from_numpy(val.target_emb)
     times = []

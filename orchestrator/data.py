@@ -477,6 +477,11 @@ def load_dataset(
     return PairDataset(train=train, val=val, teacher=teacher_id, embed_dim=int(embed_dim))
 
 
+def validation_rows(data: PairDataset, max_rows: int) -> Split:
+    """The rows validation uses: the first `max_rows` of the validation split."""
+    return data.val.take(range(min(len(data.val), max_rows)))
+
+
 def shard(split: Split, rank: int, world_size: int) -> Split:
     """Rows rank, rank + world_size, rank + 2*world_size, ... of the split.
 

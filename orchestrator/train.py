@@ -36,7 +36,7 @@ from model.config import flatten
 from .checkpoint import check_compatible
 from .config import TrainConfig, config_from_dict, resolved, run_tags
 from .context import LocalContext, RunContext, Tracker
-from .data import PairDataset, Split, ensure_corpus, load_dataset, shard
+from .data import PairDataset, Split, ensure_corpus, load_dataset, shard, validation_rows
 from .evaluation import Decoded, baselines, evaluate, example_rows, text_metrics
 from .planner import keep_freed_memory
 from .plots import make_plots
@@ -169,8 +169,7 @@ def load_data(cfg: TrainConfig) -> PairDataset:
 def worker_shards(data: PairDataset, world_size: int, val_max_samples: int) -> list[PairDataset]:
     """One dataset per rank: its share of the training rows, the validation rows, and the baselines
     computed once on the full training split (so every rank and every run compares the same way)."""
-    val = data.val.take(range(min(len(data.val), val_max_samples)))
-    base = baselines(data.train, val)
+    base = baselines(data.train, validation_rows(data, val_max_samples))
     return [dataclasses.replace(data, train=shard(data.train, rank, world_size), baselines=base)
             for rank in range(world_size)]
 
@@ -216,7 +215,7 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
         train_rows = shard(data.train, ctx.rank, ctx.world_size)
     else:  # a launcher sharded it already
         train_rows = data.train
-    val = data.val.take(range(min(len(data.val), cfg.val_max_samples)))
+    val = validation_rows(data, cfg.val_max_samples)
     train_inputs = torch.from_numpy(train_rows.input_emb).to(device)
     train_targets = torch.from_numpy(train_rows.target_emb).to(device)
 
