@@ -279,18 +279,15 @@ def _finish_trial(uri: str, result, sweep: Sweep, trial_id: str, run_id: str | N
         status = "stopped"  # ended by the scheduler before max_steps
     path, best = _best_checkpoint(result, sweep.workers_per_trial)
     version = None
-    finished_before = None
-    if run_id:
-        client = client_for(uri)
-        finished_before = client.get_run(run_id)
-    if finished_before is not None and finished_before.info.status != "RUNNING":
-        version = finished_before.data.tags.get("model_version")  # closed by an earlier pass
-    elif run_id:
+    client = client_for(uri)
+    run = client.get_run(run_id) if run_id else None
+    if run is not None and run.info.status != "RUNNING":
+        version = run.data.tags.get("model_version")  # closed by an earlier pass
+    elif run is not None:
         client.set_tag(run_id, "status", status)
         if metrics.get("reason"):
             client.set_tag(run_id, "reason", metrics["reason"])
         if path and status != "infeasible":
-            run = client.get_run(run_id)
             version = register_checkpoint(uri, run_id, path, tags={
                 "lattice": run.data.tags.get("lattice", ""), "preset": run.data.tags.get("preset", ""),
                 "run_id": run_id, "trial_id": trial_id, "step": str(best.get("step"))})
