@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import flow_step_flops, preset, run_flows
-from orchestrator.planner import (GiB, MemoryBudgetError, available_memory_bytes, estimate_peak_bytes,
+from model import PRESETS, EnergyLattice, count_parameters, flow_step_flops, preset, run_flows
+from orchestrator.planner import (GiB, _carrier_parameters, _parameters, MemoryBudgetError, available_memory_bytes, estimate_peak_bytes,
                                   measure_peak_bytes, plan_batch)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,6 +22,17 @@ REPO = Path(__file__).resolve().parents[1]
 def cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ})
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_planner_parameter_counts_match_the_model(name):
+    # The planner counts parameters from the config (it bisects over batches and must not build a
+    # model per try); this keeps that formula in step with the model itself.
+    cfg = preset(name).resolved()
+    with torch.device("meta"):
+        model = EnergyLattice(cfg)
+    assert _parameters(cfg) == count_parameters(model)
+    assert _carrier_parameters(cfg) == count_parameters(model.carrier)
 
 
 def test_flop_counter_matches_a_hand_count():
