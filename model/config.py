@@ -27,6 +27,8 @@ def knob(default: Any, help: str, *, range: str | None = None, choices: tuple | 
 
 
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed")
+ENERGY_UPDATES = ("residual", "gated", "replace")
+PLANE_SPLITS = ("learned", "arrival")
 
 
 @dataclass(frozen=True)
@@ -38,13 +40,35 @@ class ModelConfig:
     depth: int = knob(10, "lattice cells along z; the output planes are z=-1 and z=+1", range="[3, 4096]")
 
     # --- learned components ------------------------------------------------------------------
-    mapper_rank: int = knob(16, "rank K of the separable input mapper and of the collector", range="[1, 1024]")
+    mapper_rank: int = knob(
+        128, "rank K of the separable input mapper: how many numbers of the embedding reach the "
+             "surface (the best linear map through 16 loses to the identity baseline)", range="[1, 1024]")
+    collector_rank: int = knob(128, "rank of each plane's separable read-out in the collector", range="[1, 1024]")
     mapper_dropout: float = knob(0.0, "dropout on the embedding inside the mapper (off in eval mode)", range="[0, 1)")
+    mapper_layer_norm: bool = knob(
+        True, "layer-normalise the embedding inside the mapper, so the energy grid's scale does not "
+              "depend on the teacher's embedding norm")
+    energy_init_spread: float = knob(
+        0.5, "std of the input-dependent part of the initial energy grid at initialisation, so the "
+             "output depends on the input from the first step", range="(0, 100]")
     neuron_hidden: int = knob(32, "hidden width of the shared SimpleNeuron MLP", range="[1, 4096]")
     neuron_features: int = knob(16, "features the SimpleNeuron feeds to the carrier", range="[1, 4096]")
     carrier_hidden: int = knob(256, "hidden size Hc of the EnergyCarrier GRU", range="[1, 16384]")
     carrier_layers: int = knob(2, "number of stacked GRU layers L in the EnergyCarrier", range="[1, 16]")
     hidden_noise_std: float = knob(0.01, "std of the noise added to the zero initial carrier state", range="[0, 1]")
+    energy_update: str = knob(
+        "residual", "how the carrier changes a flow's energy each step: 'residual' adds a learned "
+                    "tanh delta (zero at initialisation, so the mapper's energy reaches the planes), "
+                    "'gated' moves it toward a tanh target by a learned gate, 'replace' overwrites it "
+                    "with the tanh head (the original model)", choices=ENERGY_UPDATES)
+    plane_split: str = knob(
+        "learned", "how a deposit divides between the planes z=-1 and z=+1: 'learned' splits each "
+                   "flow's energy by a sigmoid head of the carrier (differentiable, so both planes "
+                   "get input-dependent energy), 'arrival' puts all of it on the plane the flow "
+                   "reached (the original model)", choices=PLANE_SPLITS)
+    skip: bool = knob(
+        True, "prediction = skip_scale * embedding + collector(planes), with a learned scalar "
+              "skip_scale; validation then also reports the skip-only and lattice-only ablations")
 
     # --- flow dynamics -----------------------------------------------------------------------
     max_dz_cells: float | None = knob(
@@ -125,8 +149,26 @@ class ModelConfig:
     def shape_fields(self) -> dict[str, int]:
         """The fields that fix parameter shapes; checkpoints must agree on all of them."""
         return {k: getattr(self, k) for k in (
-            "embed_dim", "width", "height", "depth", "mapper_rank", "neuron_hidden",
-            "neuron_features", "carrier_hidden", "carrier_layers")}
+            "embed_dim", "width", "height", "depth", "mapper_rank", "collector_rank", "neuron_hidden",
+            "neuron_features", "carrier_hidden", "carrier_layers", "energy_update", "plane_split", "skip",
+            "mapper_layer_norm")}
+
+
+# What a config saved before a field existed meant: the model as it was built then. Checkpoints
+# from before these fields are rebuilt as the model they are, not as today's defaults.
+FIELDS_ADDED_LATER: dict[str, Any] = {
+    "collector_rank": lambda saved: saved.get("mapper_rank", 16),
+    "energy_update": lambda saved: "replace",
+    "plane_split": lambda saved: "arrival",
+    "skip": lambda saved: False,
+    "mapper_layer_norm": lambda saved: False,
+}
+
+
+def saved_model_config(saved: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig of a saved `asdict(ModelConfig)`, including ones saved by older versions."""
+    filled = {k: default(saved) for k, default in FIELDS_ADDED_LATER.items() if k not in saved}
+    return from_dict(ModelConfig, {**saved, **filled})
 
 
 # A preset is a named set of overrides. Large lattices turn on checkpointing and bf16 saved state

@@ -6,14 +6,17 @@ flows are laid out sample-major and every later gather preserves order, which is
 per-sample flow cap be enforced with one cumulative sum instead of a loop.
 
 Each step:
-  1. the dense step (neuron + carrier, supplied by the model) gives a new state, energy and move;
+  1. the dense step (neuron + carrier, supplied by the model) gives a new state, energy, move and
+     plane split;
   2. positions move; x and y reflect (or clamp) at the walls; z beyond -1 or +1 means arrived;
   3. flows that moved farther than `spawn_threshold` ask for children, capped per sample;
   4. ONE host sync fetches the sizes of the next step (kept, arrived, spawned counts);
-  5. arrived flows splat their energy bilinearly onto their plane at their continuous (x, y), so
-     gradients reach the move head; every other flow is gathered into the next step's tensors, each
-     parent followed by its children (spawned at the parent's previous position, sharing its energy).
-When the loop stops, flows still active are projected onto the nearer plane and deposited there.
+  5. arrived flows splat their energy bilinearly at their continuous (x, y), so gradients reach the
+     move head, onto both planes by the carrier's split (or all onto the plane reached); every other
+     flow is gathered into the next step's tensors, each parent followed by its children (spawned
+     at the parent's previous position, sharing its energy).
+When the loop stops, flows still active are projected onto the nearer plane (split as on arrival)
+and deposited there.
 """
 from __future__ import annotations
 
@@ -25,8 +28,10 @@ from torch import Tensor
 
 from .config import ModelConfig
 
-# (pos, energy, hidden) -> (hidden, energy, move); pos/energy/move fp32, hidden in the state dtype.
-StepFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+# (pos, energy, hidden) -> (hidden, energy, move, split); pos/energy/move fp32, hidden in the state
+# dtype; split (N, 1) is the share of each flow's energy that goes to plane z = +1, or None to put
+# all of it on the plane the flow reached.
+StepFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor | None]]
 
 
 @dataclass
@@ -93,6 +98,17 @@ def _splat(sample: Tensor, plane: Tensor, xy: Tensor, value: Tensor, height: int
     return index, weighted
 
 
+def _deposit(sample: Tensor, xy: Tensor, upper: Tensor, energy: Tensor, split: Tensor | None,
+             height: int, width: int) -> tuple[Tensor, Tensor]:
+    """Splat each flow's energy onto the planes: shared by `split` (the share for plane 1, z = +1)
+    when there is one, else all of it onto its own side's plane (`upper`: plane 1)."""
+    if split is None:
+        return _splat(sample, upper.long(), xy, energy, height, width)
+    upper, upper_value = _splat(sample, torch.ones_like(sample), xy, energy * split, height, width)
+    lower, lower_value = _splat(sample, torch.zeros_like(sample), xy, energy * (1 - split), height, width)
+    return torch.cat([upper, lower]), torch.cat([upper_value, lower_value])
+
+
 def _positions_of(mask: Tensor, count: int) -> Tensor:
     """Indices where `mask` is true, given the count already fetched (no extra host sync)."""
     return torch.repeat_interleave(torch.arange(mask.numel(), device=mask.device), mask.long(),
@@ -136,7 +152,7 @@ def run_flows(energy_grid: Tensor, step_fn: StepFn, cfg: ModelConfig, *, hidden_
     best, stale, stop_reason = None, 0, "max_steps"
 
     for step in range(1, cfg.max_steps + 1):
-        hidden_new, energy_new, move = step_fn(pos, energy, hidden)
+        hidden_new, energy_new, move, split = step_fn(pos, energy, hidden)
         move = move * limits  # the carrier's move head is in [-1, 1] per axis
         new_pos = _move(pos, move, cfg.reflect_walls)
         z = new_pos[:, 2]
@@ -164,8 +180,8 @@ def run_flows(energy_grid: Tensor, step_fn: StepFn, cfg: ModelConfig, *, hidden_
 
         if n_arrived:
             at = _positions_of(arrived, n_arrived)
-            plane = (z[at] > 0).long()
-            index, value = _splat(sample[at], plane, new_pos[at, :2], energy_new[at], H, W)
+            index, value = _deposit(sample[at], new_pos[at, :2], z[at] > 0, energy_new[at],
+                                    None if split is None else split[at], H, W)
             deposit_index.append(index)
             deposit_value.append(value)
             if tr is not None:
@@ -186,6 +202,8 @@ def run_flows(energy_grid: Tensor, step_fn: StepFn, cfg: ModelConfig, *, hidden_
             is_child = torch.arange(n_next, device=dev) > first_of_group
             pos = torch.where(is_child[:, None], pos.index_select(0, src), new_pos.index_select(0, src))
             energy = (energy_new / (1 + children)[:, None]).index_select(0, src)  # parent, children share
+            if split is not None:
+                split = split.index_select(0, src)
             hidden = hidden_new.index_select(1, src)
             path = torch.where(is_child, path_before.index_select(0, src), path.index_select(0, src))
             sample = sample.index_select(0, src)
@@ -220,8 +238,7 @@ def run_flows(energy_grid: Tensor, step_fn: StepFn, cfg: ModelConfig, *, hidden_
     path_sum = path_sum + path.sum()
     remaining_distance = (1 - pos[:, 2].abs()).clamp(min=0).sum() / created_total
     if pos.shape[0]:
-        plane = (pos[:, 2] >= 0).long()
-        index, value = _splat(sample, plane, pos[:, :2], energy, H, W)
+        index, value = _deposit(sample, pos[:, :2], pos[:, 2] >= 0, energy, split, H, W)
         deposit_index.append(index)
         deposit_value.append(value)
         if tr is not None:

@@ -30,18 +30,30 @@ _AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
 
 
 class InputMapper(nn.Module):
-    """energy[b, y, x] = sum_k a[b, k] * U[k, y] * V[k, x] + bias[y, x], with a = f(embedding)."""
+    """energy[b, y, x] = sum_k a[b, k] * U[k, y] * V[k, x] + bias[y, x], with a = f(embedding).
 
-    def __init__(self, embed_dim: int, height: int, width: int, rank: int, dropout: float):
+    f is a linear map of the (by default layer-normalised) embedding, initialised so the
+    input-dependent part of the grid has std `init_spread`: flows start from energies that differ
+    between inputs, whatever the teacher's embedding norm.
+    """
+
+    def __init__(self, embed_dim: int, height: int, width: int, rank: int, dropout: float,
+                 init_spread: float = 0.5, layer_norm: bool = True):
         super().__init__()
+        self.layer_norm = layer_norm
         self.dropout = nn.Dropout(dropout)
         self.coefficients = nn.Linear(embed_dim, rank)
+        # a_k ~ N(0, spread^2) for a layer-normalised input; U ~ N(0, 1/K) and V ~ N(0, 1), so the
+        # grid, a sum of K such products, has std `init_spread`.
+        nn.init.normal_(self.coefficients.weight, std=init_spread / embed_dim ** 0.5)
+        nn.init.zeros_(self.coefficients.bias)
         self.row_factors = nn.Parameter(torch.randn(rank, height) / rank ** 0.5)   # U
         self.col_factors = nn.Parameter(torch.randn(rank, width))                  # V
         self.bias = nn.Parameter(torch.zeros(height, width))
 
     def forward(self, embedding: Tensor) -> Tensor:
-        a = self.coefficients(self.dropout(embedding))
+        x = F.layer_norm(embedding, embedding.shape[-1:]) if self.layer_norm else embedding
+        a = self.coefficients(self.dropout(x))
         return torch.einsum("bk,ky,kx->byx", a, self.row_factors, self.col_factors) + self.bias
 
 
@@ -101,23 +113,44 @@ class StepGRU(nn.Module):
 
 
 class EnergyCarrier(nn.Module):
-    """A shared GRU that carries a flow: new state, new energy (tanh), and a move in [-1, 1]^3.
+    """A shared GRU that carries a flow: new state, new energy, a move in [-1, 1]^3 and, with a
+    learned plane split, the share of the flow's energy that goes to the plane z = +1.
 
-    The move is scaled to the lattice's per-axis maximum step by the flow processor, which keeps
-    these weights independent of the lattice shape.
+    The energy is updated, not replaced (unless `energy_update="replace"`): the residual head starts
+    at zero, so at initialisation every flow delivers exactly the energy the mapper gave it and the
+    carrier learns a change from there. The move is scaled to the lattice's per-axis maximum step
+    by the flow processor, which keeps these weights independent of the lattice shape.
     """
 
-    def __init__(self, in_features: int, hidden: int, layers: int):
+    def __init__(self, in_features: int, hidden: int, layers: int, energy_update: str = "residual",
+                 plane_split: str = "learned"):
         super().__init__()
+        self.energy_update = energy_update
         self.gru = StepGRU(in_features + 1, hidden, layers)
         self.energy_head = nn.Linear(hidden, 1)
         self.move_head = nn.Linear(hidden, 3)
+        self.gate_head = nn.Linear(hidden, 1) if energy_update == "gated" else None
+        self.split_head = nn.Linear(hidden, 1) if plane_split == "learned" else None
+        if energy_update == "residual":
+            nn.init.zeros_(self.energy_head.weight)
+            nn.init.zeros_(self.energy_head.bias)
+        if self.gate_head is not None:  # a gate of ~0.05: most of the energy is kept each step
+            nn.init.constant_(self.gate_head.bias, -3.0)
 
-    def forward(self, features: Tensor, energy: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, features: Tensor, energy: Tensor, hidden: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         x = torch.cat([features, energy.to(features.dtype)], dim=1)
         hidden = self.gru(x, hidden.to(x.dtype))
         h = hidden[-1]
-        return hidden, torch.tanh(self.energy_head(h)), torch.tanh(self.move_head(h))
+        head = torch.tanh(self.energy_head(h)).float()
+        if self.energy_update == "residual":
+            new_energy = energy + head
+        elif self.energy_update == "gated":
+            new_energy = torch.lerp(energy, head, torch.sigmoid(self.gate_head(h)).float())
+        else:
+            new_energy = head
+        split = torch.sigmoid(self.split_head(h)) if self.split_head is not None else None
+        return hidden, new_energy, torch.tanh(self.move_head(h)), split
 
 
 class Collector(nn.Module):
@@ -133,6 +166,10 @@ class Collector(nn.Module):
         self.col_factors = nn.Parameter(torch.randn(2, rank, width))
         self.norm = nn.LayerNorm(2 * rank)
         self.out = nn.Linear(2 * rank, embed_dim)
+        # Start with outputs of norm ~1, a unit embedding's: beside a skip path the lattice begins as
+        # a correction of the input rather than drowning it (the default init gives norm ~sqrt(E/3)).
+        nn.init.normal_(self.out.weight, std=(2 * rank * embed_dim) ** -0.5)
+        nn.init.zeros_(self.out.bias)
 
     def forward(self, planes: Tensor) -> Tensor:
         B, _, H, W = planes.shape
@@ -146,30 +183,40 @@ class LatticeOutput:
     planes: Tensor             # (B, 2, H, W) energy deposited on z = -1 (0) and z = +1 (1)
     stats: FlowStats
     trace: FlowTrace | None
+    lattice_only: Tensor       # (B, E) the collector's output: the prediction without the skip path
+    skip_only: Tensor | None   # (B, E) skip_scale * embedding (None without a skip path)
 
 
 class EnergyLattice(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg = cfg.resolved()
-        self.mapper = InputMapper(cfg.embed_dim, cfg.height, cfg.width, cfg.mapper_rank, cfg.mapper_dropout)
+        self.mapper = InputMapper(cfg.embed_dim, cfg.height, cfg.width, cfg.mapper_rank, cfg.mapper_dropout,
+                                  cfg.energy_init_spread, cfg.mapper_layer_norm)
         self.neuron = SimpleNeuron(cfg.neuron_hidden, cfg.neuron_features)
-        self.carrier = EnergyCarrier(cfg.neuron_features, cfg.carrier_hidden, cfg.carrier_layers)
-        self.collector = Collector(cfg.embed_dim, cfg.height, cfg.width, cfg.mapper_rank)
+        self.carrier = EnergyCarrier(cfg.neuron_features, cfg.carrier_hidden, cfg.carrier_layers,
+                                     cfg.energy_update, cfg.plane_split)
+        self.collector = Collector(cfg.embed_dim, cfg.height, cfg.width, cfg.collector_rank)
+        # pred = skip_scale * embedding + collector(planes). The scale is a single learned number, so
+        # the skip path alone can never be better than the identity baseline.
+        self.skip_scale = nn.Parameter(torch.ones(())) if cfg.skip else None
         self.hidden_dtype = torch.bfloat16 if cfg.saved_state_dtype == "bf16" else torch.float32
 
     def _autocast(self, device_type: str):
         dtype = _AUTOCAST_DTYPES.get(self.cfg.precision)
         return torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext()
 
-    def _dense_step(self, pos: Tensor, energy: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _dense_step(self, pos: Tensor, energy: Tensor, hidden: Tensor
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         with self._autocast(pos.device.type):
             features = self.neuron(pos, energy)
-            hidden, new_energy, move = self.carrier(features, energy, hidden)
+            hidden, new_energy, move, split = self.carrier(features, energy, hidden)
         # Positions, energies and splatting stay fp32 whatever the autocast dtype.
-        return hidden.to(self.hidden_dtype), new_energy.float(), move.float()
+        return (hidden.to(self.hidden_dtype), new_energy.float(), move.float(),
+                None if split is None else split.float())
 
-    def _step(self, pos: Tensor, energy: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _step(self, pos: Tensor, energy: Tensor, hidden: Tensor
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         if self.cfg.activation_checkpointing and torch.is_grad_enabled():
             # The dense step has no randomness, so there is no RNG state to stash and restore.
             return checkpoint(self._dense_step, pos, energy, hidden, use_reentrant=False,
@@ -177,10 +224,14 @@ class EnergyLattice(nn.Module):
         return self._dense_step(pos, energy, hidden)
 
     def forward(self, embedding: Tensor, *, trace: bool = False) -> LatticeOutput:
-        energy_grid = self.mapper(embedding.float())
+        embedding = embedding.float()
+        energy_grid = self.mapper(embedding)
         planes, stats, flow_trace = run_flows(energy_grid, self._step, self.cfg,
                                               hidden_dtype=self.hidden_dtype, trace=trace)
-        return LatticeOutput(self.collector(planes), planes, stats, flow_trace)
+        lattice_only = self.collector(planes)
+        skip_only = self.skip_scale * embedding if self.skip_scale is not None else None
+        prediction = lattice_only if skip_only is None else skip_only + lattice_only
+        return LatticeOutput(prediction, planes, stats, flow_trace, lattice_only, skip_only)
 
 
 def flow_step_flops(cfg: ModelConfig) -> int:
@@ -188,14 +239,15 @@ def flow_step_flops(cfg: ModelConfig) -> int:
 
     A GRU layer computes three gates, each from its input and its state: 3 matmuls of (in + Hc) x Hc,
     i.e. 2 * 3 * Hc * (in + Hc) FLOPs (2 per multiply-add), with in = neuron_features + 1 (features
-    and energy) for layer 0 and in = Hc above it. The energy and move heads add 2 * Hc * (1 + 3).
+    and energy) for layer 0 and in = Hc above it. The heads (energy, move, and the gate and split heads where on) add 2 * Hc per output.
     Left out: the SimpleNeuron (~1k FLOPs, under 0.1% at debug size) and all elementwise gate math.
     A forward pass costs this times the sum of FlowStats.active_per_step; a training step about
     three times that (backward computes a gradient for both operands of every matmul).
     """
     hc, inputs = cfg.carrier_hidden, cfg.neuron_features + 1
     gru = sum(2 * 3 * hc * ((inputs if layer == 0 else hc) + hc) for layer in range(cfg.carrier_layers))
-    return gru + 2 * hc * (1 + 3)
+    heads = 1 + 3 + (cfg.energy_update == "gated") + (cfg.plane_split == "learned")
+    return gru + 2 * hc * heads
 
 
 def count_parameters(module: nn.Module) -> int:

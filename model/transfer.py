@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .lattice import EnergyLattice
 
-# Shape-independent fields: a checkpoint can only be carried over if these agree.
-CARRIED_FIELDS = ("embed_dim", "mapper_rank", "neuron_hidden", "neuron_features", "carrier_hidden",
-                  "carrier_layers")
+# The lattice's own size is what transfer changes; every other field that fixes the model's
+# parameters must agree between the two models.
+LATTICE_SIZE_FIELDS = ("width", "height", "depth")
 
 
 def _resize_last(t: torch.Tensor, size: int) -> torch.Tensor:
@@ -43,8 +43,9 @@ def resize_state_dict(state: dict[str, torch.Tensor], height: int, width: int) -
 
 def transfer(source: EnergyLattice, target_cfg: ModelConfig) -> EnergyLattice:
     """A new model for `target_cfg` starting from `source`'s weights (resized where shape-bound)."""
-    mismatched = [f"{k}: source {getattr(source.cfg, k)} vs target {getattr(target_cfg, k)}"
-                  for k in CARRIED_FIELDS if getattr(source.cfg, k) != getattr(target_cfg, k)]
+    source_fields, target_fields = source.cfg.shape_fields(), target_cfg.shape_fields()
+    mismatched = [f"{k}: source {v} vs target {target_fields[k]}" for k, v in source_fields.items()
+                  if k not in LATTICE_SIZE_FIELDS and v != target_fields[k]]
     if mismatched:
         raise ValueError("cannot carry weights between these models: " + "; ".join(mismatched))
     target = EnergyLattice(target_cfg)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from model import EnergyLattice, ModelConfig
-from model.config import from_dict
+from model.config import saved_model_config
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -27,7 +27,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing, truncated, or from another model shape."""
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp) for a temporary file beside `path`, then move it into place: readers (and a
+    crash) see either the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
@@ -41,9 +43,9 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any], meta: dict[str
     """Write `state` (a dict of tensors, numbers, strings, lists and dicts) into `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / STATE_FILE, lambda p: torch.save({"format": FORMAT_VERSION, **state}, p))
+    atomic_write(directory / STATE_FILE, lambda p: torch.save({"format": FORMAT_VERSION, **state}, p))
     if meta is not None:
-        _atomic_write(directory / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
+        atomic_write(directory / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
     return directory
 
 
@@ -65,7 +67,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def check_compatible(state: dict[str, Any], cfg: ModelConfig, source: str = "checkpoint") -> None:
     """Refuse a checkpoint whose parameter shapes differ from `cfg`, naming every mismatching field."""
-    saved = from_dict(ModelConfig, state["model_config"]).shape_fields()
+    saved = saved_model_config(state["model_config"]).shape_fields()
     wanted = cfg.shape_fields()
     diff = [f"{k}: {source} {saved[k]} vs config {wanted[k]}" for k in wanted if saved[k] != wanted[k]]
     if diff:
@@ -73,7 +75,7 @@ def check_compatible(state: dict[str, Any], cfg: ModelConfig, source: str = "che
 
 
 def model_config_of(state: dict[str, Any]) -> ModelConfig:
-    return from_dict(ModelConfig, state["model_config"])
+    return saved_model_config(state["model_config"])
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> EnergyLattice:

@@ -254,6 +254,27 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_bench_quality(args) -> int:
+    from .config import make_config, parse_sets
+    from .quality import format_quality_table, run_quality_bench
+    sets = parse_sets(args.set or [])
+    if args.steps is not None:
+        sets["max_steps"] = args.steps
+    if args.data:
+        sets["data_path"] = args.data
+    # One validation per tenth of the run gives the curve; checkpoints only where validations are.
+    steps = sets.get("max_steps", make_config(args.preset).max_steps)
+    every = max(1, steps // 10)
+    cfg = make_config(args.preset, {"val_every": every, "checkpoint_every": steps, "decode_every": steps, **sets})
+    _setup_logging()
+    result = run_quality_bench(cfg)
+    print(format_quality_table(result))
+    if args.json:
+        _write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return 0 if result["status"] == "completed" else 1
+
+
 def cmd_plan(args) -> int:
     from model.config import preset
     from .planner import GiB, available_memory_bytes, check_batch, estimate_peak_bytes, measure_peak_bytes, plan_batch
@@ -371,6 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CPU: keep freed memory in the process, as train's cpu_keep_freed_memory does")
     bench.add_argument("--json", help="write every figure and the machine it ran on here")
     bench.set_defaults(func=cmd_bench)
+
+    quality = sub.add_parser("bench-quality", help="train a preset, then compare it with its baselines and "
+                                                   "ablations (cosine, top-1, BLEU)")
+    quality.add_argument("--preset", default="debug", choices=sorted(PRESETS))
+    quality.add_argument("--steps", type=int, help="optimizer steps (default: the config's max_steps)")
+    quality.add_argument("--data", help="Parquet/JSONL/CSV with input_text and target_text (default: the stdlib corpus)")
+    quality.add_argument("--set", action="append", metavar="KEY=VALUE",
+                         help="override a config field, e.g. model.skip=false or lr=1e-3 (repeatable)")
+    quality.add_argument("--json", help="write the table, the validation curve and the timings here")
+    quality.set_defaults(func=cmd_bench_quality)
 
     from .planner import HEADROOM
     plan = sub.add_parser("plan", help="estimate peak training memory and pick the largest batch that fits")

@@ -99,16 +99,17 @@ def _dtype_bytes(cfg: ModelConfig) -> tuple[int, int]:
 def _carrier_parameters(cfg: ModelConfig) -> int:
     hc, inputs = cfg.carrier_hidden, cfg.neuron_features + 1
     gru = sum(3 * hc * ((inputs if layer == 0 else hc) + hc) + 6 * hc for layer in range(cfg.carrier_layers))
-    return gru + 4 * hc + 4
+    head_outputs = 1 + 3 + (cfg.energy_update == "gated") + (cfg.plane_split == "learned")
+    return gru + (hc + 1) * head_outputs
 
 
 def _parameters(cfg: ModelConfig) -> int:
     """Parameter count of EnergyLattice(cfg), from the config alone (no model is built)."""
     mapper = cfg.embed_dim * cfg.mapper_rank + cfg.mapper_rank * (1 + cfg.height + cfg.width) + cfg.surface
     neuron = 5 * cfg.neuron_hidden + (cfg.neuron_hidden + 1) * cfg.neuron_features
-    collector = 2 * cfg.mapper_rank * (cfg.height + cfg.width) + 4 * cfg.mapper_rank + \
-        (2 * cfg.mapper_rank + 1) * cfg.embed_dim
-    return mapper + neuron + _carrier_parameters(cfg) + collector
+    rank = cfg.collector_rank
+    collector = 2 * rank * (cfg.height + cfg.width) + 4 * rank + (2 * rank + 1) * cfg.embed_dim
+    return mapper + neuron + _carrier_parameters(cfg) + collector + int(cfg.skip)
 
 
 def _terms(cfg: ModelConfig) -> dict[str, int]:

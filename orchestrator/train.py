@@ -37,15 +37,20 @@ from .checkpoint import check_compatible
 from .config import TrainConfig, config_from_dict, resolved, run_tags
 from .context import LocalContext, RunContext, Tracker
 from .data import PairDataset, Split, ensure_corpus, load_dataset, shard, validation_rows
-from .evaluation import Decoded, baselines, evaluate, example_rows, text_metrics
+from .evaluation import Decoded, baselines, evaluate, example_rows, finish_metrics, text_metrics
 from .planner import keep_freed_memory
 from .plots import make_plots
 from .tracking import log_config
 
 log = logging.getLogger(__name__)
 
-SUMMARY_KEYS = ("status", "steps", "val_cosine", "val_top1", "val_bleu", "baseline_identity_cosine",
-                "baseline_ridge_cosine", "mean_steps_used", "completion", "checkpoint")
+SUMMARY_KEYS = ("status", "steps", "val_cosine", "val_top1", "val_bleu", "lattice_gain", "val_cosine_skip_only",
+                "val_cosine_lattice_only", "val_top1_lattice_only", "plane_difference",
+                "baseline_identity_cosine", "baseline_ridge_cosine", "baseline_kernel_ridge_cosine",
+                "baseline_kernel_ridge_top1", "baseline_kernel_ridge_bleu", "mean_steps_used", "completion",
+                "checkpoint")
+# Validation metrics reported under their own names rather than as val_<name>.
+UNPREFIXED_METRICS = ("lattice_gain", "plane_difference")
 
 
 class LRSchedule:
@@ -176,21 +181,26 @@ def worker_shards(data: PairDataset, world_size: int, val_max_samples: int) -> l
 
 def _validate(model: EnergyLattice, val: Split, cfg: TrainConfig, ctx: RunContext,
               device: torch.device) -> tuple[dict[str, float], list[str]]:
-    """Validation metrics over all ranks: each rank evaluates its share of the rows."""
+    """Validation metrics over all ranks: each rank evaluates its share of the rows. Returns the
+    metrics (`val_*`, `lattice_gain`, `plane_difference`) and the decoded texts in row order."""
     rows = slice(ctx.rank, None, ctx.world_size)
-    metrics, decoded = evaluate(model, val, batch_size=cfg.batch_size, device=device, seed=cfg.seed + 7919,
-                                rows=rows)
+    metrics, decoded, lattice_decoded = evaluate(model, val, batch_size=cfg.batch_size, device=device,
+                                                 seed=cfg.seed + 7919, rows=rows)
     n_local = len(range(*rows.indices(len(val))))
-    parts = _all_gather((n_local, metrics, decoded.cosine.cpu(), decoded.neighbour.cpu()))
+    parts = _all_gather((n_local, metrics, decoded.neighbour.cpu(), lattice_decoded.neighbour.cpu()))
     n = sum(p[0] for p in parts)
-    merged = {k: sum(p[1][k] * p[0] for p in parts) / max(n, 1) for k in metrics}
-    # Put the rows back in validation order (rank r held rows r, r + world, ...).
-    neighbour = torch.empty(len(val), dtype=torch.long)
-    for r, p in enumerate(parts):
-        neighbour[r::ctx.world_size] = p[3]
-    texts = Decoded(cosine=torch.zeros(0), neighbour=neighbour).texts(val)
+    merged = finish_metrics({k: sum(p[1][k] * p[0] for p in parts) / max(n, 1) for k in metrics})
+
+    def texts_in_row_order(which: int) -> list[str]:  # rank r held rows r, r + world, ...
+        neighbour = torch.empty(len(val), dtype=torch.long)
+        for r, p in enumerate(parts):
+            neighbour[r::ctx.world_size] = p[which]
+        return Decoded(cosine=torch.zeros(0), neighbour=neighbour).texts(val)
+
+    texts = texts_in_row_order(2)
     merged.update(text_metrics(texts, val))
-    return {f"val_{k}": v for k, v in merged.items()}, texts
+    merged["top1_lattice_only"] = text_metrics(texts_in_row_order(3), val)["top1"]
+    return {(k if k in UNPREFIXED_METRICS else f"val_{k}"): v for k, v in merged.items()}, texts
 
 
 def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = None,
@@ -329,9 +339,12 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
             tracker.log_metrics(last_val, step=step)
             if final or step % cfg.decode_every == 0:
                 tracker.log_table(example_rows(texts, val, cfg.decode_examples), f"decoded/step_{step:08d}.json")
-            log.info("step %d: loss %.4f val cosine %.4f top1 %.3f bleu %.2f (ridge %.4f, identity %.4f)",
+            log.info("step %d: loss %.4f val cosine %.4f top1 %.3f bleu %.2f, lattice alone %.4f, gain over skip "
+                     "%.4f (ridge %.4f, kernel ridge %.4f, identity %.4f)",
                      step, loss_value, last_val["val_cosine"], last_val["val_top1"], last_val["val_bleu"],
+                     last_val["val_cosine_lattice_only"], last_val["lattice_gain"],
                      base.get("baseline_ridge_cosine", float("nan")),
+                     base.get("baseline_kernel_ridge_cosine", float("nan")),
                      base.get("baseline_identity_cosine", float("nan")))
         elif step % cfg.decode_every == 0 and cfg.decode_examples:
             texts = _decode_examples(model, val, cfg, device)
@@ -360,6 +373,8 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
         "status": status, "steps": step,
         "val_cosine": last_val.get("val_cosine"), "val_top1": last_val.get("val_top1"),
         "val_bleu": last_val.get("val_bleu"), "val_loss": last_val.get("val_loss"),
+        **{k: last_val.get(k) for k in ("lattice_gain", "val_cosine_skip_only", "val_cosine_lattice_only",
+                                        "val_top1_lattice_only", "plane_difference")},
         "mean_steps_used": last_val.get("val_steps_used"), "completion": last_val.get("val_completion"),
         "max_flow_steps": cfg.model.max_steps,
         "checkpoint": str(last_checkpoint) if last_checkpoint else None,
@@ -385,7 +400,7 @@ def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
 
 def _decode_examples(model: EnergyLattice, val: Split, cfg: TrainConfig, device: torch.device) -> list[str]:
     rows = slice(0, cfg.decode_examples)
-    _, decoded = evaluate(model, val, batch_size=cfg.batch_size, device=device, seed=cfg.seed + 7919, rows=rows)
+    _, decoded, _ = evaluate(model, val, batch_size=cfg.batch_size, device=device, seed=cfg.seed + 7919, rows=rows)
     return decoded.texts(val)
 
 

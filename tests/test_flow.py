@@ -23,7 +23,7 @@ def mover(move_fn, energy_fn=None):
     energy passes through unchanged unless energy_fn is given."""
     def step(pos, energy, hidden):
         new_energy = energy if energy_fn is None else energy_fn(pos, energy)
-        return hidden, new_energy, move_fn(pos)
+        return hidden, new_energy, move_fn(pos), None  # no split: all energy to the plane reached
     return step
 
 

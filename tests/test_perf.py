@@ -48,7 +48,7 @@ def test_active_flows_are_recorded_per_step():
     k = cfg.straight_path_steps()
 
     def step(pos, energy, hidden):
-        return hidden, energy, torch.stack([0 * pos[:, 0], 0 * pos[:, 0], torch.where(pos[:, 0] < 0, 1.0, 0.5)], 1)
+        return hidden, energy, torch.stack([0 * pos[:, 0], 0 * pos[:, 0], torch.where(pos[:, 0] < 0, 1.0, 0.5)], 1), None
 
     B, S = 3, cfg.surface
     _, stats, _ = run_flows(torch.rand(B, cfg.height, cfg.width), step, cfg, hidden_dtype=torch.float32)

@@ -30,7 +30,7 @@ def small_and_large():
             for name, axis_len in (("row_factors", small_cfg.height), ("col_factors", small_cfg.width)):
                 p = getattr(module, name)
                 t = torch.linspace(-1, 1, axis_len)
-                freq = torch.arange(1, p.shape[-2] + 1, dtype=torch.float32)[:, None] * 0.7
+                freq = (torch.arange(p.shape[-2], dtype=torch.float32)[:, None] % 6 + 1) * 0.7
                 p.copy_(torch.cos(freq * t).expand_as(p))
         small.mapper.bias.copy_(smooth_planes(small_cfg, 1)[0, 0])
     # 3x the cell spacing: every third cell of the large lattice sits exactly on a small-lattice cell.

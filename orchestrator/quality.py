@@ -1,0 +1,111 @@
+"""The quality benchmark: train one model, then put it next to its baselines and its own ablations.
+
+    python -m orchestrator bench-quality --preset debug --steps 1000 [--data PATH] [--json out.json]
+
+trains with the one training loop in this process (no Ray, no MLflow), then evaluates the final
+model on the run's validation rows and prints one table:
+
+    lattice          the model's prediction (skip path + lattice path where the skip is on)
+    lattice alone    the collector's output alone: what the lattice itself predicts
+    skip alone       skip_scale * input: the skip path alone (the identity baseline when positive)
+    identity, mean target, ridge, kernel ridge    the baselines every run logs
+
+each with cosine to the target embedding, retrieval top-1 and BLEU of the decoded text, plus the
+validation curve and the seconds training and baselines took.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import load_model
+from .config import TrainConfig
+from .context import LocalContext
+from .data import PairDataset, validation_rows
+from .evaluation import baselines, decode, evaluate, text_metrics
+from .train import load_data, train_loop
+
+BASELINE_ROWS = (("identity", "identity"), ("mean target", "mean_target"), ("ridge", "ridge"),
+                 ("kernel ridge", "kernel_ridge"))
+
+
+class _RecordingContext(LocalContext):
+    """A local run that also keeps every validation it reports, for the curve."""
+
+    def __init__(self, out_dir: Path, keep: int):
+        super().__init__(out_dir, keep=keep)
+        self.curve: list[dict[str, float]] = []
+
+    def report(self, step, metrics, checkpoint):
+        if "val_cosine" in metrics and "status" not in metrics:
+            self.curve.append({k: metrics[k] for k in ("step", "val_cosine", "val_top1", "val_cosine_lattice_only",
+                                                       "lattice_gain", "plane_difference") if k in metrics})
+        return super().report(step, metrics, checkpoint)
+
+
+def _row(name: str, cosine: float, texts: list[str], val) -> dict[str, Any]:
+    return {"predictor": name, "cosine": cosine, **text_metrics(texts, val)}
+
+
+def run_quality_bench(cfg: TrainConfig, data: PairDataset | None = None) -> dict[str, Any]:
+    """Train `cfg` in this process and measure the final model against its baselines."""
+    data = data or load_data(cfg)
+    val = validation_rows(data, cfg.val_max_samples)
+    started = time.perf_counter()
+    base = baselines(data.train, val)  # cached on disk after the first time
+    baseline_seconds = time.perf_counter() - started
+    data = dataclasses.replace(data, baselines=base)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = _RecordingContext(Path(tmp), keep=1)
+        started = time.perf_counter()
+        summary = train_loop(cfg, ctx, data=data)
+        train_seconds = time.perf_counter() - started
+        model = load_model(summary["checkpoint"])
+
+    device = torch.device("cpu")
+    metrics, decoded, lattice_decoded = evaluate(model, val, batch_size=cfg.batch_size, device=device,
+                                                 seed=cfg.seed + 7919)
+    rows = [_row("lattice", metrics["cosine"], decoded.texts(val), val),
+            _row("lattice alone", metrics["cosine_lattice_only"], lattice_decoded.texts(val), val)]
+    if model.skip_scale is not None:
+        inputs, targets = torch.from_numpy(val.input_emb), torch.from_numpy(val.target_emb)
+        bank = torch.nn.functional.normalize(targets, dim=-1)
+        skip = decode(model.skip_scale.detach() * inputs, targets, bank)
+        rows.append(_row("skip alone", float(skip.cosine.mean()), skip.texts(val), val))
+    for name, key in BASELINE_ROWS:
+        rows.append({"predictor": name, "cosine": base[f"baseline_{key}_cosine"],
+                     "top1": base[f"baseline_{key}_top1"], "bleu": base[f"baseline_{key}_bleu"]})
+    return {
+        "preset": cfg.preset, "steps": summary["steps"], "status": summary["status"],
+        "batch_size": cfg.batch_size, "precision": cfg.model.precision,
+        "train_rows": len(data.train), "val_rows": len(val),
+        "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(summary["steps"], 1),
+        "baseline_seconds": baseline_seconds,
+        "lattice_gain": summary["lattice_gain"], "plane_difference": summary["plane_difference"],
+        "skip_scale": None if model.skip_scale is None else float(model.skip_scale),
+        "rows": rows, "curve": ctx.curve,
+    }
+
+
+def format_quality_table(result: dict[str, Any]) -> str:
+    lines = [f"quality: {result['preset']}, {result['steps']} steps x batch {result['batch_size']} "
+             f"({result['precision']}), {result['train_rows']} training rows, {result['val_rows']} validation rows",
+             "",
+             f"  {'predictor':<14} {'cosine':>7} {'top-1':>6} {'BLEU':>6}"]
+    for row in result["rows"]:
+        lines.append(f"  {row['predictor']:<14} {row['cosine']:7.4f} {row['top1']:6.3f} {row['bleu']:6.1f}")
+    lines += ["",
+              f"  lattice gain over its skip path {result['lattice_gain']:+.4f}; plane difference "
+              f"{result['plane_difference']:.3f}" + ("" if result["skip_scale"] is None
+                                                     else f"; skip scale {result['skip_scale']:.3f}"),
+              f"  training {result['train_seconds']:.0f} s ({result['seconds_per_step']:.2f} s/step), "
+              f"baselines {result['baseline_seconds']:.0f} s",
+              "  validation curve: " + ", ".join(f"{p['step']}: {p['val_cosine']:.3f}/{p['val_top1']:.3f}"
+                                                 for p in result["curve"]) + "  (step: cosine/top-1)"]
+    return "\n".join(lines)
