@@ -31,15 +31,17 @@ class TrainConfig:
     val_max_samples: int = knob(256, "validation pairs evaluated at each validation", range="[2, 1000000]")
 
     # --- optimisation ---------------------------------------------------------------------------
-    max_steps: int = knob(300, "optimizer steps to train for (model.max_steps is flow steps per forward)",
+    max_steps: int = knob(1000, "optimizer steps to train for (model.max_steps is flow steps per forward)",
                           range="[1, 100000000]")
-    batch_size: int = knob(16, "samples per micro-batch per worker", range="[1, 1000000]")
+    batch_size: int = knob(32, "samples per micro-batch per worker (a scaling stage or sweep trial may get less "
+                               "from the memory planner)", range="[1, 1000000]")
     grad_accum_steps: int = knob(1, "micro-batches accumulated into one optimizer step", range="[1, 4096]")
-    lr: float = knob(2e-3, "peak AdamW learning rate", range="(0, 10]")
+    lr: float = knob(3e-3, "peak AdamW learning rate", range="(0, 10]")
     weight_decay: float = knob(0.01, "AdamW weight decay", range="[0, 10]")
     warmup_steps: int = knob(20, "linear warm-up from 0 to lr over this many steps", range="[0, 100000000]")
-    lr_schedule: str = knob("plateau", "after warm-up: 'plateau' cuts lr when validation loss stalls, "
-                                       "'cosine' decays to min_lr at max_steps", choices=("plateau", "cosine"))
+    lr_schedule: str = knob("cosine", "after warm-up: 'cosine' decays to min_lr at max_steps, so a run of a "
+                                      "fixed budget ends annealed; 'plateau' cuts lr when validation loss "
+                                      "stalls", choices=("plateau", "cosine"))
     plateau_factor: float = knob(0.5, "lr multiplier when validation loss stalls", range="(0, 1)")
     plateau_patience: int = knob(2, "validations without improvement before the lr is cut", range="[0, 1000]")
     min_lr: float = knob(1e-5, "lower bound of the lr schedule", range="[0, 10]")
@@ -47,7 +49,7 @@ class TrainConfig:
 
     # --- monitoring and checkpoints -------------------------------------------------------------
     log_every: int = knob(10, "training metrics every this many steps", range="[1, 100000000]")
-    val_every: int = knob(50, "validation every this many steps (and at the end)", range="[1, 100000000]")
+    val_every: int = knob(100, "validation every this many steps (and at the end)", range="[1, 100000000]")
     decode_every: int = knob(100, "decoded-example table every this many steps (and at the end)",
                              range="[1, 100000000]")
     decode_examples: int = knob(8, "rows in each decoded-example table", range="[0, 1000]")

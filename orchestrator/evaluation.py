@@ -196,7 +196,7 @@ class KernelRidge:
         return cls(train.input_emb, train.target_emb, *best)
 
 
-BASELINES_VERSION = 2  # bump when a baseline or its hyperparameter grid changes: it keys the cache
+BASELINES_VERSION = 3  # bump when a baseline or its hyperparameter grid changes: it keys the cache
 
 
 def baselines(train: Split, val: Split) -> dict[str, float]:
@@ -243,6 +243,7 @@ def compute_baselines(train: Split, val: Split) -> dict[str, float]:
         out[f"baseline_{name}_cosine"] = float(d.cosine.mean())
         for key, value in text_metrics(d.texts(val), val).items():
             out[f"baseline_{name}_{key}"] = value
+    out["baseline_val_rows"] = len(val)
     out["baseline_ridge_lambda"] = ridge_penalty
     out["baseline_kernel_ridge_width"] = kernel.width
     out["baseline_kernel_ridge_lambda"] = kernel.penalty

@@ -40,7 +40,7 @@ JOB_KIND = "progressive_scaling"
 @dataclass
 class ScalingJob:
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
-    steps_per_stage: int = 300
+    steps_per_stage: list[int] = field(default_factory=lambda: [300])  # one for all stages, or one per stage
     workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
@@ -100,7 +100,11 @@ def run_job(job: ScalingJob) -> dict[str, Any]:
     unknown = [s for s in job.stages if s not in PRESETS]
     if unknown:
         raise ValueError(f"unknown stage preset(s) {unknown}; choose from {', '.join(PRESETS)}")
-    configs = {p: make_config(p, {**job.sets, "max_steps": job.steps_per_stage}) for p in job.stages}  # validate all
+    if len(job.steps_per_stage) not in (1, len(job.stages)):
+        raise ValueError(f"--steps-per-stage takes one number or one per stage ({len(job.stages)}), "
+                         f"got {len(job.steps_per_stage)}")
+    steps = job.steps_per_stage * len(job.stages) if len(job.steps_per_stage) == 1 else job.steps_per_stage
+    configs = {p: make_config(p, {**job.sets, "max_steps": n}) for p, n in zip(job.stages, steps)}  # validate all
 
     connect(job.address)
     uri = resolve_tracking_uri(job.tracking_uri)
@@ -185,7 +189,8 @@ def build_parser():
     from .cli import MLFLOW_URI_HELP, _Parser
     p = _Parser(prog="progressive_scaling.py", description="Train stage after stage on growing lattices.")
     p.add_argument("--stages", default=",".join(DEFAULT_STAGES), help="comma-separated presets, smallest first")
-    p.add_argument("--steps-per-stage", type=int, default=ScalingJob.steps_per_stage)
+    p.add_argument("--steps-per-stage", default="300",
+                   help="optimizer steps of every stage, or a comma-separated number per stage (e.g. 1000,300)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
@@ -207,13 +212,18 @@ def main(argv: list[str] | None = None) -> int:
 
     def command() -> int:
         args = build_parser().parse_args(argv)
+        try:
+            steps = [int(s) for s in args.steps_per_stage.split(",")]
+        except ValueError:
+            raise UserError(f"--steps-per-stage expects numbers such as 300 or 1000,300, got "
+                            f"{args.steps_per_stage!r}") from None
         job = ScalingJob(stages=[s.strip() for s in args.stages.split(",") if s.strip()],
-                         steps_per_stage=args.steps_per_stage, workers=args.workers,
+                         steps_per_stage=steps, workers=args.workers,
                          cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
                          batch=args.batch, sets=parse_sets(args.set or []), experiment=args.experiment,
                          storage=args.storage, tracking_uri=args.mlflow_uri, address=args.address,
                          max_failures=args.max_failures)
-        if job.workers < 1 or job.steps_per_stage < 1 or (job.batch is not None and job.batch < 1):
+        if job.workers < 1 or min(job.steps_per_stage) < 1 or (job.batch is not None and job.batch < 1):
             raise UserError("--workers, --steps-per-stage and --batch must be at least 1")
         _setup_logging()
         started = time.perf_counter()

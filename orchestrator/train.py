@@ -173,8 +173,12 @@ def load_data(cfg: TrainConfig) -> PairDataset:
 
 def worker_shards(data: PairDataset, world_size: int, val_max_samples: int) -> list[PairDataset]:
     """One dataset per rank: its share of the training rows, the validation rows, and the baselines
-    computed once on the full training split (so every rank and every run compares the same way)."""
-    base = baselines(data.train, validation_rows(data, val_max_samples))
+    computed once on the full training split (so every rank and every run compares the same way).
+    Baselines the dataset already carries for these validation rows (a sweep's driver computes them
+    once for all its trials) are reused."""
+    val = validation_rows(data, val_max_samples)
+    base = data.baselines if data.baselines and data.baselines.get("baseline_val_rows") == len(val) \
+        else baselines(data.train, val)
     return [dataclasses.replace(data, train=shard(data.train, rank, world_size), baselines=base)
             for rank in range(world_size)]
 

@@ -38,7 +38,8 @@ from model import PRESETS
 from model.config import ConfigError, base_type, check_field, field_spec
 
 from .config import TrainConfig, flatten, make_config, run_tags
-from .data import PairDataset
+from .data import PairDataset, validation_rows
+from .evaluation import baselines
 from .ray_train import Launch, RayContext, alive_node_count, build_trainer, connect, prepare_config, storage_path
 from .tracking import (MlflowTracker, check_tracking_uri, child_runs, client_for, end_run, log_params,
                        register_checkpoint, resolve_tracking_uri, start_run)
@@ -321,8 +322,11 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
     concurrent = sweep.concurrency or max(1, int(_cluster_cpus() // max(1, sweep.workers_per_trial)))
     budget = (int(sweep.trial_memory_gb * 2**30) if sweep.trial_memory_gb
               else available_memory_bytes(device_type) // (1 if device_type == "cuda" else concurrent))
-    # The dataset is loaded (and embedded) once here and reaches every trial through the object store.
-    trainable = tune.with_resources(tune.with_parameters(run_trial, data=load_data(base)), _trial_resources(sweep))
+    # The dataset is loaded (and embedded) once here, with its baselines, and reaches every trial
+    # through the object store.
+    data = load_data(base)
+    data = dataclasses.replace(data, baselines=baselines(data.train, validation_rows(data, base.val_max_samples)))
+    trainable = tune.with_resources(tune.with_parameters(run_trial, data=data), _trial_resources(sweep))
 
     if sweep.resume:
         if not (sweep_dir / SWEEP_FILE).exists():

@@ -21,7 +21,8 @@ SPACES = REPO / "tune_spaces"
 
 def test_shipped_space_files_load():
     space = load_space(sorted(SPACES.glob("*.yaml")))
-    assert {"model.spawn_threshold", "model.convergence_patience", "preset", "lr"} <= set(space.entries)
+    assert {"model.spawn_threshold", "model.convergence_patience", "preset", "lr", "model.skip",
+            "model.plane_split", "model.energy_update", "model.mapper_rank"} <= set(space.entries)
     assert space.describe()["model.convergence_patience"] == "randint(1, 6)"
 
 
