@@ -51,6 +51,10 @@ class ScalingJob:
     tracking_uri: str | None = None
     address: str | None = None
     max_failures: int = 2
+    # A stage that starts from the previous stage's weights fine-tunes them: its peak lr is the
+    # configured lr times this (on the CPU ladder, 1.0 first lost 0.02 cosine to the new optimizer
+    # state and recovered more slowly than 0.3).
+    carried_lr_scale: float = 0.3
 
 
 def _memory_probe(device_type: str) -> int:
@@ -88,7 +92,11 @@ def _row(preset: str, run, *, skipped: bool, checkpoint: str | None = None) -> d
     m, t = run.data.metrics, run.data.tags
     return {"preset": preset, "lattice": t.get("lattice"), "steps": int(float(run.data.params.get("max_steps", 0))),
             "batch": int(float(run.data.params.get("batch_size", 0))), "val_cosine": m.get("val_cosine"),
-            "val_top1": m.get("val_top1"), "model_version": t.get("model_version"),
+            "val_top1": m.get("val_top1"), "val_cosine_lattice_only": m.get("val_cosine_lattice_only"),
+            "lattice_gain": m.get("lattice_gain"),
+            **{f"baseline_{name}_{metric}": m.get(f"baseline_{name}_{metric}")
+               for name in ("identity", "ridge", "kernel_ridge") for metric in ("cosine", "top1")},
+            "model_version": t.get("model_version"),
             "mlflow_run_id": run.info.run_id, "status": t.get("status"), "skipped": skipped,
             "init_from": t.get("init_from"), "checkpoint": checkpoint}
 
@@ -135,6 +143,7 @@ def run_job(job: ScalingJob) -> dict[str, Any]:
             init_from = f"models:/{REGISTERED_MODEL}/{previous_version}"
             source = load_registered_model(init_from, uri)
             init_state = transfer(source, cfg.model.resolved()).state_dict()
+            cfg = dataclasses.replace(cfg, lr=cfg.lr * job.carried_lr_scale)
         launch = Launch(workers=job.workers, cpus_per_worker=job.cpus_per_worker, gpus_per_worker=job.gpus_per_worker,
                         storage=job.storage, tracking_uri=uri, experiment=job.experiment,
                         run_name=f"{preset}-{parent_id[:12]}",  # stable across restarts of this job only
@@ -163,14 +172,22 @@ def run_job(job: ScalingJob) -> dict[str, Any]:
 def print_table(summary: dict[str, Any]) -> None:
     print(f"\nprogressive scaling: {summary['status']} (MLflow experiment {summary['experiment']}, "
           f"parent run {summary['parent_run_id']})")
+    def fmt(value, digits):
+        return f"{value:.{digits}f}" if value is not None else "-"
+
     print(f"  {'stage':10s} {'lattice':12s} {'steps':>6s} {'batch':>6s} {'val_cos':>8s} {'top1':>6s} "
-          f"{'version':>8s}  started from")
+          f"{'alone':>6s} {'gain':>6s} {'version':>8s}  started from")
     for r in summary["stages"]:
-        cos = f"{r['val_cosine']:.4f}" if r["val_cosine"] is not None else "-"
-        top1 = f"{r['val_top1']:.3f}" if r["val_top1"] is not None else "-"
-        print(f"  {r['preset']:10s} {r['lattice'] or '-':12s} {r['steps']:>6d} {r['batch']:>6d} {cos:>8s} "
-              f"{top1:>6s} {str(r['model_version']):>8s}  {r['init_from'] or '-'}"
+        print(f"  {r['preset']:10s} {r['lattice'] or '-':12s} {r['steps']:>6d} {r['batch']:>6d} "
+              f"{fmt(r['val_cosine'], 4):>8s} {fmt(r['val_top1'], 3):>6s} {fmt(r.get('val_cosine_lattice_only'), 3):>6s} "
+              f"{fmt(r.get('lattice_gain'), 3):>6s} {str(r['model_version']):>8s}  {r['init_from'] or '-'}"
               + ("  (finished earlier)" if r["skipped"] else ""))
+    last = summary["stages"][-1] if summary["stages"] else {}
+    if last.get("baseline_ridge_cosine") is not None:
+        print("  alone: the lattice path without the skip path; gain: val_cos minus the skip path alone.\n"
+              "  baselines on the same rows (cosine / top-1): " + ", ".join(
+                  f"{name.replace('_', ' ')} {fmt(last[f'baseline_{name}_cosine'], 4)} / "
+                  f"{fmt(last[f'baseline_{name}_top1'], 3)}" for name in ("identity", "ridge", "kernel_ridge")))
     print(f"\n  browse the runs:  {browse_command(summary['tracking_uri'])}")
     versions = [r for r in summary["stages"] if r["model_version"]]
     if versions:
@@ -203,6 +220,8 @@ def build_parser():
     p.add_argument("--mlflow-uri", help=MLFLOW_URI_HELP)
     p.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, as `ray job submit` sets it, else embedded)")
     p.add_argument("--max-failures", type=int, default=2)
+    p.add_argument("--carried-lr-scale", type=float, default=ScalingJob.carried_lr_scale,
+                   help="a stage starting from the previous stage's weights trains at lr times this")
     p.add_argument("--summary-json", help="write the job summary here")
     return p
 
@@ -222,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
                          cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
                          batch=args.batch, sets=parse_sets(args.set or []), experiment=args.experiment,
                          storage=args.storage, tracking_uri=args.mlflow_uri, address=args.address,
-                         max_failures=args.max_failures)
+                         max_failures=args.max_failures, carried_lr_scale=args.carried_lr_scale)
+        if not 0 < job.carried_lr_scale <= 10:
+            raise UserError(f"--carried-lr-scale={job.carried_lr_scale} is out of range; allowed range (0, 10]")
         if job.workers < 1 or min(job.steps_per_stage) < 1 or (job.batch is not None and job.batch < 1):
             raise UserError("--workers, --steps-per-stage and --batch must be at least 1")
         _setup_logging()
