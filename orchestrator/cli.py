@@ -213,8 +213,13 @@ def cmd_data_build(args) -> int:
     from .teacher import Teacher
     _setup_logging()
     teacher = Teacher(args.teacher)
-    path = Path(args.out) if args.out else default_corpus_path(teacher.teacher_id)
-    write_corpus(path, teacher)
+    if args.corpus == "params":
+        from .corpus_params import build_parameter_corpus, default_parameter_corpus_path
+        path = Path(args.out) if args.out else default_parameter_corpus_path(teacher.teacher_id)
+        write_corpus(path, teacher, build_parameter_corpus())
+    else:
+        path = Path(args.out) if args.out else default_corpus_path(teacher.teacher_id)
+        write_corpus(path, teacher)
     ds = load_dataset(path, embed_dim=teacher.embed_dim)
     print(f"wrote {len(ds.train) + len(ds.val)} pairs ({len(ds.train)} train / {len(ds.val)} validation at the "
           f"default split), embedded by {teacher.teacher_id} ({teacher.embed_dim}-d), to {path}")
@@ -375,7 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
-    build = data_sub.add_parser("build", help="build and embed the stdlib corpus")
+    build = data_sub.add_parser("build", help="build and embed a corpus (default: the stdlib corpus)")
+    build.add_argument("--corpus", choices=["stdlib", "params"], default="stdlib",
+                       help="stdlib: name and signature -> docstring's first sentence; params: numpydoc "
+                            "parameter of numpy/scipy/pandas/sklearn/matplotlib -> its description")
     build.add_argument("--out", help="Parquet file to write (default: the cache's corpus path)")
     build.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher model folder or hub id")
     build.set_defaults(func=cmd_data_build)
