@@ -44,7 +44,8 @@ class _RecordingContext(LocalContext):
     def report(self, step, metrics, checkpoint):
         if "val_cosine" in metrics and "status" not in metrics:
             self.curve.append({k: metrics[k] for k in ("step", "val_cosine", "val_top1", "val_cosine_lattice_only",
-                                                       "lattice_gain", "plane_difference") if k in metrics})
+                                                       "lattice_gain", "plane_difference", "plane_balance")
+                               if k in metrics})
         return super().report(step, metrics, checkpoint)
 
 
@@ -65,7 +66,7 @@ def run_quality_bench(cfg: TrainConfig, data: PairDataset | None = None) -> dict
         ctx = _RecordingContext(Path(tmp), keep=1)
         started = time.perf_counter()
         summary = train_loop(cfg, ctx, data=data)
-        train_seconds = time.perf_counter() - started
+        train_seconds = time.perf_counter() - started  # validations included
         model = load_model(summary["checkpoint"])
 
     device = torch.device("cpu")
@@ -88,7 +89,8 @@ def run_quality_bench(cfg: TrainConfig, data: PairDataset | None = None) -> dict
         "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(summary["steps"], 1),
         "baseline_seconds": baseline_seconds,
         "lattice_gain": summary["lattice_gain"], "plane_difference": summary["plane_difference"],
-        "skip_scale": None if model.skip_scale is None else float(model.skip_scale),
+        "plane_balance": summary["plane_balance"],
+        "skip_scale": None if model.skip_scale is None else float(model.skip_scale.detach()),
         "rows": rows, "curve": ctx.curve,
     }
 
@@ -102,9 +104,11 @@ def format_quality_table(result: dict[str, Any]) -> str:
         lines.append(f"  {row['predictor']:<14} {row['cosine']:7.4f} {row['top1']:6.3f} {row['bleu']:6.1f}")
     lines += ["",
               f"  lattice gain over its skip path {result['lattice_gain']:+.4f}; plane difference "
-              f"{result['plane_difference']:.3f}" + ("" if result["skip_scale"] is None
+              f"{result['plane_difference']:.3f}, balance {result['plane_balance']:.3f}"
+              + ("" if result["skip_scale"] is None
                                                      else f"; skip scale {result['skip_scale']:.3f}"),
-              f"  training {result['train_seconds']:.0f} s ({result['seconds_per_step']:.2f} s/step), "
+              f"  training {result['train_seconds']:.0f} s ({result['seconds_per_step']:.2f} s/step, validations "
+              f"included), "
               f"baselines {result['baseline_seconds']:.0f} s",
               "  validation curve: " + ", ".join(f"{p['step']}: {p['val_cosine']:.3f}/{p['val_top1']:.3f}"
                                                  for p in result["curve"]) + "  (step: cosine/top-1)"]

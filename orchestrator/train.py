@@ -45,12 +45,12 @@ from .tracking import log_config
 log = logging.getLogger(__name__)
 
 SUMMARY_KEYS = ("status", "steps", "val_cosine", "val_top1", "val_bleu", "lattice_gain", "val_cosine_skip_only",
-                "val_cosine_lattice_only", "val_top1_lattice_only", "plane_difference",
+                "val_cosine_lattice_only", "val_top1_lattice_only", "plane_difference", "plane_balance",
                 "baseline_identity_cosine", "baseline_ridge_cosine", "baseline_kernel_ridge_cosine",
                 "baseline_kernel_ridge_top1", "baseline_kernel_ridge_bleu", "mean_steps_used", "completion",
                 "checkpoint")
 # Validation metrics reported under their own names rather than as val_<name>.
-UNPREFIXED_METRICS = ("lattice_gain", "plane_difference")
+UNPREFIXED_METRICS = ("lattice_gain", "plane_difference", "plane_balance")
 
 
 class LRSchedule:
@@ -378,7 +378,7 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
         "val_cosine": last_val.get("val_cosine"), "val_top1": last_val.get("val_top1"),
         "val_bleu": last_val.get("val_bleu"), "val_loss": last_val.get("val_loss"),
         **{k: last_val.get(k) for k in ("lattice_gain", "val_cosine_skip_only", "val_cosine_lattice_only",
-                                        "val_top1_lattice_only", "plane_difference")},
+                                        "val_top1_lattice_only", "plane_difference", "plane_balance")},
         "mean_steps_used": last_val.get("val_steps_used"), "completion": last_val.get("val_completion"),
         "max_flow_steps": cfg.model.max_steps,
         "checkpoint": str(last_checkpoint) if last_checkpoint else None,
