@@ -176,7 +176,7 @@ def saved_model_config(saved: dict[str, Any]) -> ModelConfig:
 _BIG = {"activation_checkpointing": True, "saved_state_dtype": "bf16"}
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(width=8, height=8, depth=8, carrier_hidden=32, carrier_layers=1, mapper_rank=8,
-                  neuron_hidden=16, neuron_features=8),
+                  collector_rank=8, neuron_hidden=16, neuron_features=8),
     "debug": dict(width=20, height=20, depth=10, carrier_hidden=256, carrier_layers=2),
     "experiment": dict(width=28, height=28, depth=60, carrier_hidden=512, carrier_layers=3),
     "optimized": dict(width=100, height=100, depth=50, carrier_hidden=1024, carrier_layers=3, **_BIG),

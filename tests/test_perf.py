@@ -38,8 +38,11 @@ def test_planner_parameter_counts_match_the_model(name):
 def test_flop_counter_matches_a_hand_count():
     cfg = dataclasses.replace(preset("smoke"), carrier_hidden=4, carrier_layers=2, neuron_features=3)
     # layer 0: 3 gates x (4 inputs + 4 state) x 4 units x 2 FLOPs = 192; layer 1 likewise (8 inputs
-    # of which 4 from below); heads: 4 units x (1 + 3) outputs x 2 = 32
-    assert flow_step_flops(cfg) == 192 + 192 + 32
+    # of which 4 from below); heads: 4 units x (1 energy + 3 move + 1 plane split) outputs x 2 = 40
+    assert flow_step_flops(cfg) == 192 + 192 + 40
+    # the hard split has no split head; the gated update adds a gate head
+    assert flow_step_flops(dataclasses.replace(cfg, plane_split="arrival")) == 192 + 192 + 32
+    assert flow_step_flops(dataclasses.replace(cfg, energy_update="gated")) == 192 + 192 + 48
 
 
 def test_active_flows_are_recorded_per_step():
