@@ -39,8 +39,12 @@ class RunContext:
         """Data-parallel wrapping where there are several workers."""
         return model
 
-    def resume_state(self, device: torch.device) -> tuple[dict[str, Any], str] | None:
-        """(checkpoint state, where it came from) to resume from, or None for a fresh start."""
+    def resume_state(self) -> tuple[dict[str, Any], str] | None:
+        """(checkpoint state, where it came from) to resume from, or None for a fresh start.
+
+        The state is on the CPU: load_state_dict puts weights and optimizer moments on the model's
+        device, and torch.set_rng_state takes only a CPU tensor (a state loaded onto the GPU made
+        every resume on CUDA fail)."""
         return None
 
     def latest_checkpoint(self) -> Path | None:
@@ -76,9 +80,9 @@ class LocalContext(RunContext):
         found = list_checkpoints(self.checkpoint_dir)
         return found[-1] if found else None
 
-    def resume_state(self, device):
+    def resume_state(self):
         path = self.latest_checkpoint()
-        return (load_checkpoint(path, map_location=device), str(path)) if path else None
+        return (load_checkpoint(path, map_location="cpu"), str(path)) if path else None
 
     def report(self, step, metrics, checkpoint):
         if checkpoint is None:

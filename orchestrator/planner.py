@@ -272,6 +272,32 @@ def keep_freed_memory() -> bool:
         return False
 
 
+ALLOC_CONF_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")  # the second: newer torch's name
+EXPANDABLE_SEGMENTS = "expandable_segments:True"
+
+
+def use_expandable_segments() -> str:
+    """Let the CUDA caching allocator grow segments in place, unless the user configured it.
+
+    Flow tensors change size every step (arrivals, spawning), and with fixed-size segments the
+    freed blocks of one step rarely fit the next, so max_memory_reserved climbs far above
+    max_memory_allocated. The environment variable only counts before CUDA initialises; after
+    that, the allocator's settings are changed in place. Returns what was done, for the log."""
+    if any(os.environ.get(name) for name in ALLOC_CONF_VARS):
+        return "kept the user's allocator settings"
+    if not torch.cuda.is_initialized():
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = EXPANDABLE_SEGMENTS
+        return "PYTORCH_CUDA_ALLOC_CONF=" + EXPANDABLE_SEGMENTS
+    # Private APIs (the first is newer torch's name for the second); the run goes on without them.
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or \
+        getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    try:
+        setter(EXPANDABLE_SEGMENTS)
+        return "allocator settings: " + EXPANDABLE_SEGMENTS
+    except (TypeError, RuntimeError) as e:
+        return f"expandable segments unavailable ({e})"
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start the peak-memory counter again from what is in use now."""
     if device.type == "cuda":

@@ -62,12 +62,12 @@ class RayContext(RunContext):
         self._fault_dir = fault_dir
         self.extra_metrics = extra_metrics or {}
 
-    def resume_state(self, device):
+    def resume_state(self):
         checkpoint = self.api.get_checkpoint()
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as folder:
-            return load_checkpoint(folder, map_location=device), checkpoint.path
+            return load_checkpoint(folder, map_location="cpu"), checkpoint.path
 
     def report(self, step, metrics, checkpoint):
         metrics = {**metrics, **self.extra_metrics, "step": step}
