@@ -145,6 +145,9 @@ def cmd_train(args) -> int:
     cfg = _train_config(args)  # validate before anything slow starts
     if args.workers < 1:
         raise UserError(f"--workers={args.workers} must be at least 1")
+    if not args.local:
+        from .ray_train import check_gpu_share
+        check_gpu_share(args.workers, args.gpus_per_worker)
     return _train_local(cfg, args) if args.local else _train_ray(cfg, args)
 
 
@@ -256,11 +259,18 @@ def cmd_bench(args) -> int:
 
 def cmd_plan(args) -> int:
     from model.config import preset
-    from .planner import GiB, available_memory_bytes, check_batch, estimate_peak_bytes, measure_peak_bytes, plan_batch
+    from .planner import (EXPANDABLE_SEGMENTS, GiB, available_memory_bytes, check_batch, estimate_peak_bytes,
+                          measure_peak_bytes, plan_batch)
     cfg = preset(args.preset, **_model_overrides(args.set)).resolved()
     if args.budget_gb is not None and args.budget_gb <= 0:
         raise UserError("--budget-gb must be positive")
-    budget = int(args.budget_gb * GiB) if args.budget_gb is not None else available_memory_bytes("cpu")
+    cuda = args.device_type == "cuda"
+    if cuda and (args.budget_gb is None or args.measure):
+        import torch
+        if not torch.cuda.is_available():
+            raise UserError("--device-type cuda: no CUDA device here to "
+                            + ("measure on; drop --measure" if args.measure else "read free memory from; pass --budget-gb"))
+    budget = int(args.budget_gb * GiB) if args.budget_gb is not None else available_memory_bytes(args.device_type)
     load = dict(device_type=args.device_type, flows_per_sample=args.flows_per_sample, steps=args.steps)
     plan = (check_batch(cfg, args.batch, budget, headroom=args.headroom, **load) if args.batch
             else plan_batch(cfg, budget, max_batch=args.max_batch, headroom=args.headroom, **load))
@@ -274,7 +284,14 @@ def cmd_plan(args) -> int:
     print(f"  batch {plan.batch}: estimated peak {plan.estimate_bytes / GiB:.2f} GiB, "
           f"{plan.required_bytes / GiB:.2f} GiB with {plan.headroom:.0%} allocator headroom"
           f"{'' if args.batch else ' (the largest batch that fits)'}")
-    if args.measure:
+    if args.measure and cuda:
+        measured = measure_peak_bytes(cfg, plan.batch, device="cuda", alloc_conf=EXPANDABLE_SEGMENTS)
+        print(f"  measured on {measured.device_name} (fresh process, worst case forced, {EXPANDABLE_SEGMENTS}): "
+              f"max_memory_allocated {measured.peak_bytes / GiB:.2f} GiB (estimate / measured = "
+              f"{plan.estimate_bytes / measured.peak_bytes:.2f}), max_memory_reserved "
+              f"{measured.reserved_bytes / GiB:.2f} GiB; {budget / GiB:.2f} GiB budget "
+              f"{'holds' if measured.reserved_bytes <= budget else 'EXCEEDED'}")
+    elif args.measure:
         live = measure_peak_bytes(cfg, plan.batch, live_only=True)
         print(f"  measured live peak {live.peak_bytes / GiB:.2f} GiB (fresh process, worst case forced, freed memory "
               f"returned at once): estimate / measured = {plan.estimate_bytes / live.peak_bytes:.2f}")
@@ -387,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--flows-per-sample", type=int, help="assume this many flows per sample (default: the cap)")
     plan.add_argument("--steps", type=int, help="assume this many flow steps (default: max_steps)")
     plan.add_argument("--measure", action="store_true",
-                      help="also measure the peak of that batch in a subprocess (CPU; worst case forced)")
+                      help="also measure the peak of that batch in a subprocess, worst case forced (cpu: peak RSS; "
+                           "cuda: max_memory_allocated and max_memory_reserved)")
     plan.set_defaults(func=cmd_plan)
     return parser
 

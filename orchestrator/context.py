@@ -31,9 +31,7 @@ class RunContext:
     world_size: int = 1
 
     def device(self, requested: str) -> torch.device:
-        if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-            return torch.device("cuda")
-        return torch.device("cpu")
+        return choose_device(requested, torch.cuda.is_available(), "torch sees no CUDA device here")
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """Data-parallel wrapping where there are several workers."""
@@ -59,6 +57,14 @@ class RunContext:
     def fault_marker_dir(self) -> Path | None:
         """A folder that survives a worker restart, for the once-only crash fault."""
         return None
+
+
+def choose_device(requested: str, gpu_assigned: bool, why_none: str) -> torch.device:
+    """TrainConfig.device resolved against whether this process has a GPU to use: auto takes it if
+    there is one; cuda without one is refused here, not at the first CUDA call."""
+    if requested == "cuda" and not gpu_assigned:
+        raise ValueError(f"device=cuda, but {why_none}")
+    return torch.device("cuda" if gpu_assigned and requested != "cpu" else "cpu")
 
 
 class LocalContext(RunContext):
