@@ -117,3 +117,25 @@ def test_plan_for_cuda_never_budgets_host_memory():
     ok = cli("plan", "--preset", "debug", "--device-type", "cuda", "--budget-gb", "20")
     assert ok.returncode == 0, ok.stderr
     assert "cuda, budget 20.00 GiB" in ok.stdout and "20% allocator headroom" in ok.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# bench: MFU against the peak of the dtype the step runs in
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", "float32"), ("bf16-mixed", "bfloat16"),
+                                              ("fp16-mixed", "float16")])
+def test_bench_divides_by_the_matmul_peak_of_the_step_dtype(precision, dtype, small_data):
+    from orchestrator.bench import matmul_peak, bench_preset
+    fp32_peak = matmul_peak(torch.device("cpu"), torch.float32, max_size=256, repeats=1, warmup_s=0)
+    figures = bench_preset("smoke", 2, torch.device("cpu"), small_data, repeats=1,
+                           overrides={"precision": precision}, peak=fp32_peak, peak_max_size=256)
+    assert figures["matmul_peak_dtype"] == dtype   # a peak of another dtype is measured again
+    assert figures["matmul_peak"]["dtype"] == dtype and figures["matmul_peak"]["threads"] == torch.get_num_threads()
+    assert figures["mfu_train"] == pytest.approx(figures["train_gflops"] / figures["matmul_peak_gflops"])
+    assert 0 < figures["mfu_forward"] <= 1 and 0 < figures["mfu_train"] <= 1
+
+
+def test_matmul_peak_is_the_best_repeat_of_the_dtype_asked_for():
+    from orchestrator.bench import matmul_peak
+    peak = matmul_peak(torch.device("cpu"), torch.bfloat16, max_size=128, repeats=3, warmup_s=0)
+    assert peak.dtype == "bfloat16" and peak.size == 128 and peak.repeats == 3 and peak.gflops > 0
