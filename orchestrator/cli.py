@@ -302,6 +302,24 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_gpu_check(args) -> int:
+    from .gpu_check import PARTS, format_table, run_gpu_check
+    parts = [p.strip() for p in args.parts.split(",")] if args.parts else None
+    unknown = sorted(set(parts or []) - set(PARTS))
+    if unknown:
+        raise UserError(f"--parts: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    if args.data is not None and not Path(args.data).exists():
+        raise DatasetError(f"dataset {args.data} does not exist")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+    result = run_gpu_check(args.device, quick=args.quick, data_path=args.data, parts=parts,
+                           progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(format_table(result))
+    if args.json:
+        _write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return 0 if result["passed"] else 1
+
+
 # ------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -407,6 +425,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also measure the peak of that batch in a subprocess, worst case forced (cpu: peak RSS; "
                            "cuda: max_memory_allocated and max_memory_reserved)")
     plan.set_defaults(func=cmd_plan)
+
+    gpu = sub.add_parser("gpu-check", help="prove the GPU paths in one short run (precision, host syncs, resume, "
+                                           "DDP, planner, bench); needs no Ray, MLflow or teacher")
+    gpu.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    gpu.add_argument("--data", help="embedded Parquet with input_emb / target_emb columns, e.g. the corpus cache "
+                                    "~/.cache/energy-lattice/corpus/stdlib_pairs.parquet (default: synthetic unit vectors)")
+    gpu.add_argument("--quick", action="store_true", help="CI-sized: the smoke preset and small batches")
+    gpu.add_argument("--parts", help="comma-separated subset of: precision, host_syncs, train_resume, ddp, planner, "
+                                     "bench (default: all)")
+    gpu.add_argument("--json", help="write every figure and the machine here")
+    gpu.set_defaults(func=cmd_gpu_check)
     return parser
 
 

@@ -390,7 +390,7 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
     if validated_at is None:  # resumed a run that had already finished: report where it stands
         last_val, _ = _validate(model, val, cfg, ctx, device)
     last_checkpoint = last_checkpoint or ctx.latest_checkpoint()  # e.g. diverged: the last good one
-    if ctx.rank == 0 and len(val):
+    if ctx.rank == 0 and len(val) and _keeps_artifacts(tracker):
         with tempfile.TemporaryDirectory() as tmp:
             sample = torch.from_numpy(val.input_emb[:1]).to(device)
             for path in make_plots(model, sample, loss_history, tmp):
@@ -407,6 +407,11 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
     tracker.finish(status, summary)
     ctx.report(step, {"step": step, **summary}, None)  # every rank, so the launcher learns how the run ended
     return summary
+
+
+def _keeps_artifacts(tracker: Tracker) -> bool:
+    """Plots take seconds of matplotlib; a tracker that drops artifacts needs none made."""
+    return type(tracker).log_artifact is not Tracker.log_artifact
 
 
 def _fingerprint(texts: list[str]) -> str:

