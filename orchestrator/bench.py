@@ -93,10 +93,6 @@ def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, *, max
                       repeats=repeats, threads=torch.get_num_threads())
 
 
-def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, **kwargs: Any) -> float:
-    return matmul_peak(device, dtype, **kwargs).gflops
-
-
 def decode_pass_seconds(data: PairDataset, device: torch.device | str = "cpu", repeats: int = 5) -> float:
     """One decoding pass as the training loop runs it, on the device it trains on: nearest-neighbour
     retrieval of validation predictions over the validation target embeddings, the neighbours read
@@ -281,4 +277,4 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 __all__ = ["DEFAULT_PRESETS", "DEFAULT_BATCH", "STEP_DTYPES", "MatmulPeak", "bench_preset", "decode_pass_seconds",
-           "format_table", "machine_info", "matmul_peak", "matmul_peak_gflops", "run_bench"]
+           "format_table", "machine_info", "matmul_peak", "run_bench"]
