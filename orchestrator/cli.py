@@ -145,6 +145,9 @@ def cmd_train(args) -> int:
     cfg = _train_config(args)  # validate before anything slow starts
     if args.workers < 1:
         raise UserError(f"--workers={args.workers} must be at least 1")
+    if not args.local:
+        from .ray_train import check_gpu_share
+        check_gpu_share(args.workers, args.gpus_per_worker)
     return _train_local(cfg, args) if args.local else _train_ray(cfg, args)
 
 
@@ -282,11 +285,18 @@ def cmd_bench_quality(args) -> int:
 
 def cmd_plan(args) -> int:
     from model.config import preset
-    from .planner import GiB, available_memory_bytes, check_batch, estimate_peak_bytes, measure_peak_bytes, plan_batch
+    from .planner import (EXPANDABLE_SEGMENTS, GiB, available_memory_bytes, check_batch, estimate_peak_bytes,
+                          measure_peak_bytes, plan_batch)
     cfg = preset(args.preset, **_model_overrides(args.set)).resolved()
     if args.budget_gb is not None and args.budget_gb <= 0:
         raise UserError("--budget-gb must be positive")
-    budget = int(args.budget_gb * GiB) if args.budget_gb is not None else available_memory_bytes("cpu")
+    cuda = args.device_type == "cuda"
+    if cuda and (args.budget_gb is None or args.measure):
+        import torch
+        if not torch.cuda.is_available():
+            raise UserError("--device-type cuda: no CUDA device here to "
+                            + ("measure on; drop --measure" if args.measure else "read free memory from; pass --budget-gb"))
+    budget = int(args.budget_gb * GiB) if args.budget_gb is not None else available_memory_bytes(args.device_type)
     load = dict(device_type=args.device_type, flows_per_sample=args.flows_per_sample, steps=args.steps)
     plan = (check_batch(cfg, args.batch, budget, headroom=args.headroom, **load) if args.batch
             else plan_batch(cfg, budget, max_batch=args.max_batch, headroom=args.headroom, **load))
@@ -300,7 +310,14 @@ def cmd_plan(args) -> int:
     print(f"  batch {plan.batch}: estimated peak {plan.estimate_bytes / GiB:.2f} GiB, "
           f"{plan.required_bytes / GiB:.2f} GiB with {plan.headroom:.0%} allocator headroom"
           f"{'' if args.batch else ' (the largest batch that fits)'}")
-    if args.measure:
+    if args.measure and cuda:
+        measured = measure_peak_bytes(cfg, plan.batch, device="cuda", alloc_conf=EXPANDABLE_SEGMENTS)
+        print(f"  measured on {measured.device_name} (fresh process, worst case forced, {EXPANDABLE_SEGMENTS}): "
+              f"max_memory_allocated {measured.peak_bytes / GiB:.2f} GiB (estimate / measured = "
+              f"{plan.estimate_bytes / measured.peak_bytes:.2f}), max_memory_reserved "
+              f"{measured.reserved_bytes / GiB:.2f} GiB; {budget / GiB:.2f} GiB budget "
+              f"{'holds' if measured.reserved_bytes <= budget else 'EXCEEDED'}")
+    elif args.measure:
         live = measure_peak_bytes(cfg, plan.batch, live_only=True)
         print(f"  measured live peak {live.peak_bytes / GiB:.2f} GiB (fresh process, worst case forced, freed memory "
               f"returned at once): estimate / measured = {plan.estimate_bytes / live.peak_bytes:.2f}")
@@ -309,6 +326,24 @@ def cmd_plan(args) -> int:
               f"{rss.peak_bytes / live.peak_bytes:.2f}x the live peak; {budget / GiB:.2f} GiB budget "
               f"{'holds' if rss.peak_bytes <= budget else 'EXCEEDED'}")
     return 0
+
+
+def cmd_gpu_check(args) -> int:
+    from .gpu_check import PARTS, format_table, run_gpu_check
+    parts = [p.strip() for p in args.parts.split(",")] if args.parts else None
+    unknown = sorted(set(parts or []) - set(PARTS))
+    if unknown:
+        raise UserError(f"--parts: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    if args.data is not None and not Path(args.data).exists():
+        raise DatasetError(f"dataset {args.data} does not exist")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+    result = run_gpu_check(args.device, quick=args.quick, data_path=args.data, parts=parts,
+                           progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(format_table(result))
+    if args.json:
+        _write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return 0 if result["passed"] else 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -426,8 +461,20 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--flows-per-sample", type=int, help="assume this many flows per sample (default: the cap)")
     plan.add_argument("--steps", type=int, help="assume this many flow steps (default: max_steps)")
     plan.add_argument("--measure", action="store_true",
-                      help="also measure the peak of that batch in a subprocess (CPU; worst case forced)")
+                      help="also measure the peak of that batch in a subprocess, worst case forced (cpu: peak RSS; "
+                           "cuda: max_memory_allocated and max_memory_reserved)")
     plan.set_defaults(func=cmd_plan)
+
+    gpu = sub.add_parser("gpu-check", help="prove the GPU paths in one short run (precision, host syncs, resume, "
+                                           "DDP, planner, bench); needs no Ray, MLflow or teacher")
+    gpu.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    gpu.add_argument("--data", help="embedded Parquet with input_emb / target_emb columns, e.g. the corpus cache "
+                                    "~/.cache/energy-lattice/corpus/stdlib_pairs.parquet (default: synthetic unit vectors)")
+    gpu.add_argument("--quick", action="store_true", help="CI-sized: the smoke preset and small batches")
+    gpu.add_argument("--parts", help="comma-separated subset of: precision, host_syncs, train_resume, ddp, planner, "
+                                     "bench (default: all)")
+    gpu.add_argument("--json", help="write every figure and the machine here")
+    gpu.set_defaults(func=cmd_gpu_check)
     return parser
 
 

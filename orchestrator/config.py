@@ -58,6 +58,10 @@ class TrainConfig:
     cpu_keep_freed_memory: bool = knob(
         False, "CPU only: keep freed memory in the process for reuse (glibc); large lattices train up to "
                "1.7x faster, peak RSS grows up to 2.2x, beyond what the memory planner allows for")
+    deterministic: bool = knob(
+        False, "deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG), so a run "
+               "resumed on CUDA repeats the uninterrupted one; without it, index_add and gather backward add in "
+               "varying order there and resumed losses differ by rounding. Slower on CUDA; no effect on CPU results")
 
     # --- fault injection, for tests of the failure paths ----------------------------------------
     fault_nan_loss_at_step: int | None = knob(None, "test only: make the loss NaN at this step",

@@ -31,16 +31,18 @@ class RunContext:
     world_size: int = 1
 
     def device(self, requested: str) -> torch.device:
-        if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-            return torch.device("cuda")
-        return torch.device("cpu")
+        return choose_device(requested, torch.cuda.is_available(), "torch sees no CUDA device here")
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """Data-parallel wrapping where there are several workers."""
         return model
 
-    def resume_state(self, device: torch.device) -> tuple[dict[str, Any], str] | None:
-        """(checkpoint state, where it came from) to resume from, or None for a fresh start."""
+    def resume_state(self) -> tuple[dict[str, Any], str] | None:
+        """(checkpoint state, where it came from) to resume from, or None for a fresh start.
+
+        The state is on the CPU: load_state_dict puts weights and optimizer moments on the model's
+        device, and torch.set_rng_state takes only a CPU tensor (a state loaded onto the GPU made
+        every resume on CUDA fail)."""
         return None
 
     def latest_checkpoint(self) -> Path | None:
@@ -55,6 +57,14 @@ class RunContext:
     def fault_marker_dir(self) -> Path | None:
         """A folder that survives a worker restart, for the once-only crash fault."""
         return None
+
+
+def choose_device(requested: str, gpu_assigned: bool, why_none: str) -> torch.device:
+    """TrainConfig.device resolved against whether this process has a GPU to use: auto takes it if
+    there is one; cuda without one is refused here, not at the first CUDA call."""
+    if requested == "cuda" and not gpu_assigned:
+        raise ValueError(f"device=cuda, but {why_none}")
+    return torch.device("cuda" if gpu_assigned and requested != "cpu" else "cpu")
 
 
 class LocalContext(RunContext):
@@ -76,9 +86,9 @@ class LocalContext(RunContext):
         found = list_checkpoints(self.checkpoint_dir)
         return found[-1] if found else None
 
-    def resume_state(self, device):
+    def resume_state(self):
         path = self.latest_checkpoint()
-        return (load_checkpoint(path, map_location=device), str(path)) if path else None
+        return (load_checkpoint(path, map_location="cpu"), str(path)) if path else None
 
     def report(self, step, metrics, checkpoint):
         if checkpoint is None:

@@ -273,6 +273,32 @@ def keep_freed_memory() -> bool:
         return False
 
 
+ALLOC_CONF_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")  # the second: newer torch's name
+EXPANDABLE_SEGMENTS = "expandable_segments:True"
+
+
+def use_expandable_segments() -> str:
+    """Let the CUDA caching allocator grow segments in place, unless the user configured it.
+
+    Flow tensors change size every step (arrivals, spawning), and with fixed-size segments the
+    freed blocks of one step rarely fit the next, so max_memory_reserved climbs far above
+    max_memory_allocated. The environment variable only counts before CUDA initialises; after
+    that, the allocator's settings are changed in place. Returns what was done, for the log."""
+    if any(os.environ.get(name) for name in ALLOC_CONF_VARS):
+        return "kept the user's allocator settings"
+    if not torch.cuda.is_initialized():
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = EXPANDABLE_SEGMENTS
+        return "PYTORCH_CUDA_ALLOC_CONF=" + EXPANDABLE_SEGMENTS
+    # Private APIs (the first is newer torch's name for the second); the run goes on without them.
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or \
+        getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    try:
+        setter(EXPANDABLE_SEGMENTS)
+        return "allocator settings: " + EXPANDABLE_SEGMENTS
+    except (TypeError, RuntimeError) as e:
+        return f"expandable segments unavailable ({e})"
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start the peak-memory counter again from what is in use now."""
     if device.type == "cuda":
@@ -317,24 +343,35 @@ def worst_case_config(cfg: ModelConfig) -> ModelConfig:
 
 @dataclass(frozen=True)
 class Measurement:
-    peak_bytes: int
+    peak_bytes: int                # peak RSS (CPU) or max_memory_allocated (CUDA)
     flow_steps_per_sample: float   # what the measured step actually ran
     steps_used: int
+    reserved_bytes: int | None = None   # CUDA: max_memory_reserved, what the GPU must really hold
+    device_name: str = "cpu"
+    allocator_settings: str | None = None  # CUDA: the caching allocator's configuration in force
 
 
 def measure_peak_bytes(model_cfg: ModelConfig, batch: int, *, device: str = "cpu", live_only: bool = True,
-                       timeout: float = 1800) -> Measurement:
+                       alloc_conf: str | None = None, timeout: float = 1800) -> Measurement:
     """Measured peak of training `worst_case_config(model_cfg)`: the peak RSS (CPU) or
-    max_memory_allocated (CUDA) of a fresh subprocess over MEASURE_STEPS training steps.
+    max_memory_allocated and max_memory_reserved (CUDA) of a fresh subprocess over MEASURE_STEPS
+    training steps.
 
     live_only (CPU): glibc returns every freed block to the OS, so RSS follows live memory; this is
-    what the estimate predicts. False: default allocator settings, as a training process runs."""
+    what the estimate predicts. False: default allocator settings, as a training process runs.
+    alloc_conf (CUDA): PYTORCH_CUDA_ALLOC_CONF for the subprocess ("" for torch's defaults); the
+    allocator reads it once, when CUDA starts, hence a fresh process per setting."""
     spec = json.dumps({"model": dataclasses.asdict(model_cfg), "batch": batch, "device": device})
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    if live_only:
+    if live_only and device == "cpu":
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    if alloc_conf is not None:
+        for name in ALLOC_CONF_VARS:
+            env.pop(name, None)
+        if alloc_conf:
+            env["PYTORCH_CUDA_ALLOC_CONF"] = alloc_conf
     result = subprocess.run([sys.executable, "-m", "orchestrator.planner", spec], capture_output=True, text=True,
                             timeout=timeout, env=env, cwd=root)
     if result.returncode != 0:
@@ -359,8 +396,14 @@ def _measure_here(spec: dict[str, Any]) -> dict[str, Any]:
         lattice_loss(out, x.flip(0), model.cfg).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return {"peak_bytes": peak_memory_bytes(device), "steps_used": out.stats.steps_used,
-            "flow_steps_per_sample": sum(out.stats.active_per_step) / spec["batch"]}
+    measured = {"peak_bytes": peak_memory_bytes(device), "steps_used": out.stats.steps_used,
+                "flow_steps_per_sample": sum(out.stats.active_per_step) / spec["batch"]}
+    if device.type == "cuda":
+        getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+        measured.update(reserved_bytes=torch.cuda.max_memory_reserved(device),
+                        device_name=torch.cuda.get_device_name(device),
+                        allocator_settings=getter() if getter else os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
+    return measured
 
 
 if __name__ == "__main__":  # the measuring subprocess of measure_peak_bytes

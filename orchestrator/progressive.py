@@ -27,7 +27,7 @@ from model import PRESETS
 from model.transfer import transfer
 
 from .config import make_config, parse_sets
-from .ray_train import Launch, alive_node_count, connect, run_ray_train
+from .ray_train import Launch, alive_node_count, check_gpu_share, connect, run_ray_train, worker_memory_budget
 from .tracking import (REGISTERED_MODEL, browse_command, check_tracking_uri, child_runs, client_for,
                        end_run, load_registered_model, resolve_tracking_uri, start_run)
 
@@ -56,20 +56,8 @@ class ScalingJob:
     # state and recovered more slowly than 0.3).
     carried_lr_scale: float = 0.3
 
-
-def _memory_probe(device_type: str) -> int:
-    from .planner import available_memory_bytes
-    return available_memory_bytes(device_type)
-
-
-def worker_memory_budget(job: ScalingJob) -> int:
-    """Memory one training worker can use, measured on a node where a worker would run."""
-    import ray
-    device_type = "cuda" if job.gpus_per_worker else "cpu"
-    probe = ray.remote(num_cpus=job.cpus_per_worker, num_gpus=job.gpus_per_worker)(_memory_probe)
-    found = ray.get(probe.remote(device_type))
-    # A GPU is one worker's own; CPU workers may share a node's memory.
-    return found if device_type == "cuda" else found // job.workers
+    def __post_init__(self):
+        check_gpu_share(self.workers, self.gpus_per_worker)
 
 
 def _find_or_start_parent(uri: str, job: ScalingJob) -> tuple[str, bool]:
@@ -134,7 +122,7 @@ def run_job(job: ScalingJob) -> dict[str, Any]:
         if job.batch:
             batch = job.batch
         else:
-            budget = budget or worker_memory_budget(job)
+            budget = budget or worker_memory_budget(job.cpus_per_worker, job.gpus_per_worker, job.workers)
             batch = plan_batch(cfg.model.resolved(), budget, device_type="cuda" if job.gpus_per_worker else "cpu",
                                max_batch=cfg.batch_size).batch
         cfg = dataclasses.replace(cfg, batch_size=batch)

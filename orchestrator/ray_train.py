@@ -22,7 +22,7 @@ import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, flatten, resolved, run_tags
-from .context import RunContext
+from .context import RunContext, choose_device
 from .data import PairDataset
 from .tracking import (MlflowTracker, check_tracking_uri, finish_run, read_summary, resolve_tracking_uri,
                        start_run)
@@ -62,12 +62,12 @@ class RayContext(RunContext):
         self._fault_dir = fault_dir
         self.extra_metrics = extra_metrics or {}
 
-    def resume_state(self, device):
+    def resume_state(self):
         checkpoint = self.api.get_checkpoint()
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as folder:
-            return load_checkpoint(folder, map_location=device), checkpoint.path
+            return load_checkpoint(folder, map_location="cpu"), checkpoint.path
 
     def report(self, step, metrics, checkpoint):
         metrics = {**metrics, **self.extra_metrics, "step": step}
@@ -82,6 +82,13 @@ class RayContext(RunContext):
 
     def checkpoint_kwargs(self, step: int) -> dict[str, Any]:
         return {}
+
+    def device(self, requested: str) -> torch.device:
+        # What Ray assigned, not torch.cuda.is_available(): a CPU trial on a GPU node sees the GPU
+        # too (and Ray narrows CUDA_VISIBLE_DEVICES to the GPUs it assigned, so cuda:0 is ours).
+        import ray
+        return choose_device(requested, bool(ray.get_gpu_ids()),
+                             "Ray assigned this trial no GPU (ask for one with --gpus-per-trial)")
 
     def fault_marker_dir(self):
         return Path(self._fault_dir) if self._fault_dir else None
@@ -98,8 +105,13 @@ class RayTrainContext(RayContext):
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
 
     def device(self, requested: str) -> torch.device:
+        # Ray's device for this worker whatever was requested: with GPUs the process group is NCCL,
+        # which needs the worker's own GPU.
         import ray.train.torch
-        return ray.train.torch.get_device()
+        device = ray.train.torch.get_device()
+        if requested == "cuda" and device.type != "cuda":
+            raise ValueError("device=cuda, but Ray assigned this worker no GPU (ask for one with --gpus-per-worker)")
+        return device
 
     def wrap_model(self, model):
         import ray.train.torch
@@ -118,6 +130,38 @@ def _train_worker(config: dict[str, Any]) -> None:
     data = ray.get(run["data_shards"][ctx.rank])  # this worker's rows only, from the object store
     init_state = ray.get(run["init_state"]) if run.get("init_state") is not None else None
     train_loop(config["train"], ctx, tracker, data=data, init_state=init_state)
+
+
+def check_gpu_share(workers: int, gpus_per_worker: float) -> None:
+    """Refuse GPU requests that fail only once the workers start."""
+    if gpus_per_worker < 0:
+        raise ValueError(f"--gpus-per-worker={gpus_per_worker} must be at least 0")
+    if workers > 1 and gpus_per_worker != int(gpus_per_worker):
+        raise ValueError(f"--gpus-per-worker={gpus_per_worker} with {workers} workers would put two DDP ranks on "
+                         f"one GPU, which NCCL refuses; give each worker whole GPUs (e.g. 1)")
+
+
+def _free_memory_here(device_type: str) -> int:
+    from .planner import available_memory_bytes
+    return available_memory_bytes(device_type)
+
+
+def memory_share(free_bytes: int, device_type: str, gpus_per_worker: float, sharing: int) -> int:
+    """One worker's share of the free memory its probe found: on a GPU, the fraction of it the worker
+    holds (the rest belongs to the trials Ray packs beside it; a worker uses one GPU however many it
+    holds); on a CPU node, an equal share among the `sharing` workers that may run there at once."""
+    if device_type == "cuda":
+        return int(free_bytes * min(1.0, gpus_per_worker))
+    return free_bytes // max(1, sharing)
+
+
+def worker_memory_budget(cpus_per_worker: float, gpus_per_worker: float, sharing: int) -> int:
+    """Memory one training worker can use, measured by a task holding a worker's resources: the
+    driver may run on a head node that has no GPU, or other memory than the workers' nodes."""
+    import ray
+    device_type = "cuda" if gpus_per_worker else "cpu"
+    probe = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(_free_memory_here)
+    return memory_share(ray.get(probe.remote(device_type)), device_type, gpus_per_worker, sharing)
 
 
 def put_shards(data: PairDataset, cfg: TrainConfig, workers: int) -> list:
@@ -142,6 +186,9 @@ class Launch:
     model_alias: str | None = None      # registry alias for the registered version
     mlflow_run_id: str | None = None    # log into this existing run (a restarted job) instead of a new one
     run_tags: dict[str, str] | None = None  # extra tags for the MLflow run
+
+    def __post_init__(self):
+        check_gpu_share(self.workers, self.gpus_per_worker)
 
 
 def storage_path(storage: str | None) -> str:

@@ -38,7 +38,7 @@ from .config import TrainConfig, config_from_dict, resolved, run_tags
 from .context import LocalContext, RunContext, Tracker
 from .data import PairDataset, Split, ensure_corpus, load_dataset, shard, validation_rows
 from .evaluation import Decoded, baselines, evaluate, example_rows, finish_metrics, text_metrics
-from .planner import keep_freed_memory
+from .planner import keep_freed_memory, use_expandable_segments
 from .plots import make_plots
 from .tracking import log_config
 
@@ -93,11 +93,11 @@ class BatchStream:
     Its state is just (epoch, position), which is what makes resume exact.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int):
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device | str = "cpu"):
         if n < batch_size:
             raise ValueError(f"batch_size={batch_size} is larger than the {n} training rows this worker "
                              f"holds; lower batch_size or use more data")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, torch.device(device)
         self.epoch, self.position = 0, 0
         self._perm_epoch, self._perm = -1, None
 
@@ -106,7 +106,8 @@ class BatchStream:
             self.epoch, self.position = self.epoch + 1, 0
         if self._perm_epoch != self.epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), self.epoch
+            # One copy to the device per epoch; slicing it there costs no host sync per batch.
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g).to(self.device), self.epoch
         idx = self._perm[self.position:self.position + self.batch_size]
         self.position += self.batch_size
         return idx
@@ -126,9 +127,23 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    # Both setters take only CPU ByteTensors, wherever the checkpoint was loaded.
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), index)
+
+
+def _load_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any], saved_precision: str) -> None:
+    """Restore the fp16 loss scale; a checkpoint from a bf16 or fp32 run has none to restore.
+
+    Precision may change between checkpoint and run: the weights and AdamW's moments are fp32
+    either way, and a new fp16 scale starts at GradScaler's default and finds its level within a
+    few steps (it skips the steps whose gradients overflow)."""
+    if scaler.is_enabled() and not saved:
+        log.info("checkpoint was saved by a %s run: the fp16 loss scale starts afresh", saved_precision)
+        return
+    scaler.load_state_dict(saved)  # a disabled scaler ignores what it is given
 
 
 def _all_gather(obj: Any) -> list[Any]:
@@ -139,8 +154,24 @@ def _all_gather(obj: Any) -> list[Any]:
     return [obj]
 
 
-def _any_rank(flag: bool) -> bool:
-    return any(_all_gather(bool(flag)))
+def _step_check(loss_sum: torch.Tensor) -> tuple[float, bool]:
+    """(this rank's loss, whether the loss of any rank is non-finite), read in one host sync.
+
+    A tensor all_reduce rather than all_gather_object, which pickles through the host every step."""
+    bad = (~torch.isfinite(loss_sum)).float()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    loss_value, any_bad = torch.stack([loss_sum.float(), bad]).tolist()
+    return loss_value, any_bad > 0
+
+
+def use_deterministic_algorithms() -> None:
+    """Deterministic kernels for the rest of the process, so a resumed run on CUDA repeats the
+    uninterrupted one: there index_add (splatting, spawning) and the backward of index_select add
+    in a varying order. cuBLAS needs CUBLAS_WORKSPACE_CONFIG for it. An op with no deterministic
+    kernel warns rather than stops the run (warn_only)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def _unwrap(model: nn.Module) -> EnergyLattice:
@@ -222,6 +253,10 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
     device = ctx.device(cfg.device)
     if device.type == "cpu" and cfg.cpu_keep_freed_memory:
         keep_freed_memory()
+    if device.type == "cuda":
+        log.info("CUDA allocator: %s", use_expandable_segments())
+    if cfg.deterministic:
+        use_deterministic_algorithms()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
     if data is None:
@@ -240,10 +275,10 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     schedule = LRSchedule(cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.model.precision == "fp16-mixed")
-    stream = BatchStream(len(train_rows), cfg.batch_size, cfg.seed * 1009 + ctx.rank)
+    stream = BatchStream(len(train_rows), cfg.batch_size, cfg.seed * 1009 + ctx.rank, device)
     step = 0
 
-    resumed = ctx.resume_state(device)
+    resumed = ctx.resume_state()
     if resumed is not None:
         state, source = resumed
         check_compatible(state, cfg.model, source=f"checkpoint {source}")
@@ -251,7 +286,7 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
         if "optimizer" in state:  # a weights-only checkpoint (model + config) restarts the optimizer
             optimizer.load_state_dict(state["optimizer"])
             schedule.load_state_dict(state["schedule"])
-            scaler.load_state_dict(state["scaler"])
+            _load_scaler(scaler, state["scaler"], state["model_config"].get("precision", "fp32"))
             stream.load_state_dict(state["data"][ctx.rank] if ctx.rank < len(state["data"]) else state["data"][0])
             step = int(state["step"])
             _set_rng_state(state["rng"][min(ctx.rank, len(state["rng"]) - 1)])
@@ -289,10 +324,11 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
-        loss_sum = torch.zeros((), device=device)
-        flow_steps, completion, spawned = 0, 0.0, 0.0
+        # Accumulated on the device: a host read per micro-batch would stall the GPU each time.
+        loss_sum, spawned = torch.zeros((), device=device), torch.zeros((), device=device)
+        flow_steps, completion = 0, 0.0
         for micro in range(cfg.grad_accum_steps):
-            idx = stream.next().to(device)
+            idx = stream.next()
             sync = micro == cfg.grad_accum_steps - 1 or not hasattr(ddp_model, "no_sync")
             with (contextlib.nullcontext() if sync else ddp_model.no_sync()):
                 out = ddp_model(train_inputs[idx])
@@ -303,10 +339,10 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
             loss_sum += loss.detach()
             flow_steps += out.stats.steps_used
             completion += out.stats.completion
-            spawned += float(out.stats.spawned.float().mean())
-        loss_value = float(loss_sum)
+            spawned += out.stats.spawned.float().mean()
+        loss_value, diverged = _step_check(loss_sum)
 
-        if _any_rank(not math.isfinite(loss_value)):
+        if diverged:
             status = "diverged"
             step -= 1  # the update was not applied
             log.error("non-finite loss at step %d; stopping with status 'diverged'", step + 1)
@@ -314,7 +350,7 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
             break
 
         scaler.unscale_(optimizer)
-        grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -324,12 +360,15 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
             elapsed = time.perf_counter() - window_start
             n_micro = cfg.grad_accum_steps
             peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_bytes()) / 2**30
+            # The caching allocator's reserve is what the GPU's memory must hold: allocated + its slack.
+            reserved = {"peak_mem_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30} \
+                if device.type == "cuda" else {}
             tracker.log_metrics({
-                "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
                 "steps_used": flow_steps / n_micro, "completion": completion / n_micro,
-                "spawned_per_sample": spawned / n_micro, "samples_per_s": window_samples / max(elapsed, 1e-9),
+                "spawned_per_sample": float(spawned) / n_micro, "samples_per_s": window_samples / max(elapsed, 1e-9),
                 "step_time_s": elapsed / max(1, window_samples // (cfg.batch_size * n_micro * ctx.world_size)),
-                "peak_mem_gb": peak}, step=step)
+                "peak_mem_gb": peak, **reserved}, step=step)
             window_start, window_samples = time.perf_counter(), 0
             loss_history.append((step, loss_value))
 
@@ -368,7 +407,7 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
     if validated_at is None:  # resumed a run that had already finished: report where it stands
         last_val, _ = _validate(model, val, cfg, ctx, device)
     last_checkpoint = last_checkpoint or ctx.latest_checkpoint()  # e.g. diverged: the last good one
-    if ctx.rank == 0 and len(val):
+    if ctx.rank == 0 and len(val) and _keeps_artifacts(tracker):
         with tempfile.TemporaryDirectory() as tmp:
             sample = torch.from_numpy(val.input_emb[:1]).to(device)
             for path in make_plots(model, sample, loss_history, tmp):
@@ -387,6 +426,11 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
     tracker.finish(status, summary)
     ctx.report(step, {"step": step, **summary}, None)  # every rank, so the launcher learns how the run ended
     return summary
+
+
+def _keeps_artifacts(tracker: Tracker) -> bool:
+    """Plots take seconds of matplotlib; a tracker that drops artifacts needs none made."""
+    return type(tracker).log_artifact is not Tracker.log_artifact
 
 
 def _fingerprint(texts: list[str]) -> str:

@@ -40,7 +40,8 @@ from model.config import ConfigError, base_type, check_field, field_spec
 from .config import TrainConfig, flatten, make_config, run_tags
 from .data import PairDataset, validation_rows
 from .evaluation import baselines
-from .ray_train import Launch, RayContext, alive_node_count, build_trainer, connect, prepare_config, storage_path
+from .ray_train import (Launch, RayContext, alive_node_count, build_trainer, check_gpu_share, connect, prepare_config,
+                        storage_path, worker_memory_budget)
 from .tracking import (MlflowTracker, check_tracking_uri, child_runs, client_for, end_run, log_params,
                        register_checkpoint, resolve_tracking_uri, start_run)
 from .train import load_data, train_loop, worker_shards
@@ -245,8 +246,11 @@ class Sweep:
     storage: str | None = None
     tracking_uri: str | None = None
     address: str | None = None
-    trial_memory_gb: float | None = None  # default: this node's memory / concurrent trials
+    trial_memory_gb: float | None = None  # default: a worker node's free memory / concurrent trials
     max_failures: int = 1
+
+    def __post_init__(self):
+        check_gpu_share(self.workers_per_trial, self.gpus_per_trial)
 
 
 def _trial_resources(sweep: Sweep) -> dict[str, float]:
@@ -303,8 +307,6 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
     """Run (or, with `resume`, continue) a sweep; return its summary."""
     from ray import tune
 
-    from .planner import available_memory_bytes
-
     started = time.perf_counter()
     space = load_space(sweep.spaces)
     sets = dict(sweep.sets)
@@ -321,7 +323,7 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
     device_type = "cuda" if sweep.gpus_per_trial else "cpu"
     concurrent = sweep.concurrency or max(1, int(_cluster_cpus() // max(1, sweep.workers_per_trial)))
     budget = (int(sweep.trial_memory_gb * 2**30) if sweep.trial_memory_gb
-              else available_memory_bytes(device_type) // (1 if device_type == "cuda" else concurrent))
+              else worker_memory_budget(1, sweep.gpus_per_trial, concurrent))
     # The dataset is loaded (and embedded) once here, with its baselines, and reaches every trial
     # through the object store.
     data = load_data(base)

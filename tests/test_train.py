@@ -108,3 +108,37 @@ def test_non_finite_loss_stops_as_diverged_and_keeps_the_last_good_checkpoint(tm
     assert state["step"] == 4
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     assert max(losses(out)) == 4  # nothing was logged for the bad step
+
+
+def test_resume_state_is_loaded_on_the_cpu(tmp_path, small_data):
+    # torch.set_rng_state takes only a CPU ByteTensor; a state mapped to the training device made
+    # every resume on CUDA fail. Weights reach the device through load_state_dict instead.
+    _, out = train(tmp_path, small_data, max_steps=2, checkpoint_every=2)
+    state, _ = LocalContext(out).resume_state()
+    rng = state["rng"][0]
+    assert rng["torch"].device.type == "cpu" and rng["torch"].dtype == torch.uint8
+    assert all(s.device.type == "cpu" for s in rng.get("cuda", []))
+    assert all(t.device.type == "cpu" for t in state["model"].values())
+
+
+def test_resume_across_precisions_and_deterministic_mode(tmp_path, small_data):
+    # bf16 saves an empty GradScaler state, which an fp16 run used to refuse to load.
+    _, bf16 = train(tmp_path, small_data, "bf16", max_steps=2, checkpoint_every=2, **{"model.precision": "bf16-mixed"})
+    fp16, fp16_out = train(tmp_path, small_data, "fp16", resume_from=bf16 / "checkpoints" / "step_00000002",
+                           max_steps=4, checkpoint_every=2, **{"model.precision": "fp16-mixed"})
+    assert fp16["status"] == "completed" and fp16["steps"] == 4
+    assert load_checkpoint(fp16_out / "checkpoints" / "step_00000004")["scaler"]["scale"] > 0
+    try:
+        fp32, _ = train(tmp_path, small_data, "fp32", resume_from=fp16_out / "checkpoints" / "step_00000004",
+                        max_steps=5, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert fp32["status"] == "completed" and fp32["steps"] == 5
+
+
+def test_step_check_reads_loss_and_divergence_together():
+    from orchestrator.train import _step_check
+    assert _step_check(torch.tensor(0.25)) == (0.25, False)
+    loss, diverged = _step_check(torch.tensor(float("nan")))
+    assert diverged and loss != loss
