@@ -137,9 +137,11 @@ def _watch_step_dtypes(model: EnergyLattice, seen: dict[str, torch.dtype]) -> bo
         return False
 
     def watched(pos, energy, hidden):
-        new_hidden, new_energy, move = step(pos, energy, hidden)
+        new_hidden, new_energy, move, split = step(pos, energy, hidden)
         seen.update(hidden=new_hidden.dtype, energy=new_energy.dtype, move=move.dtype)
-        return new_hidden, new_energy, move
+        if split is not None:
+            seen.update(split=split.dtype)
+        return new_hidden, new_energy, move, split
     model._step = watched
     return True
 
