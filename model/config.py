@@ -66,6 +66,11 @@ class ModelConfig:
                    "flow's energy by a sigmoid head of the carrier (differentiable, so both planes "
                    "get input-dependent energy), 'arrival' puts all of it on the plane the flow "
                    "reached (the original model)", choices=PLANE_SPLITS)
+    split_energy_gain: float = knob(
+        4.0, "initial gain g of the deposited energy in the learned split, share to plane z=+1 = "
+             "sigmoid(split_head(state) + g * energy) with g learned: positive energy leans to one "
+             "plane and negative to the other, so the planes hold different parts of the signal "
+             "(0: the head alone, which left the planes near-identical halves on debug)", range="[0, 100]")
     skip: bool = knob(
         True, "prediction = skip_scale * embedding + collector(planes), with a learned scalar "
               "skip_scale; validation then also reports the skip-only and lattice-only ablations")
@@ -151,7 +156,7 @@ class ModelConfig:
         return {k: getattr(self, k) for k in (
             "embed_dim", "width", "height", "depth", "mapper_rank", "collector_rank", "neuron_hidden",
             "neuron_features", "carrier_hidden", "carrier_layers", "energy_update", "plane_split", "skip",
-            "mapper_layer_norm")}
+            "mapper_layer_norm", "split_energy_gain")}
 
 
 # What a config saved before a field existed meant: the model as it was built then. Checkpoints
@@ -162,6 +167,7 @@ FIELDS_ADDED_LATER: dict[str, Any] = {
     "plane_split": lambda saved: "arrival",
     "skip": lambda saved: False,
     "mapper_layer_norm": lambda saved: False,
+    "split_energy_gain": lambda saved: 0.0,
 }
 
 

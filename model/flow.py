@@ -124,7 +124,8 @@ def run_flows(energy_grid: Tensor, step_fn: StepFn, cfg: ModelConfig, *, hidden_
     B, H, W = energy_grid.shape
     dev = energy_grid.device
     S, N = H * W, B * H * W
-    limits = torch.tensor(cfg.step_limits(), device=dev)
+    # Filled on the device: torch.tensor(..., device=cuda) copies from host memory, a host sync.
+    limits = torch.stack([torch.full((), limit, device=dev) for limit in cfg.step_limits()])
 
     # Step 0: one flow per (sample, surface cell) on the centre plane z = 0.
     ys, xs = torch.meshgrid(torch.linspace(-1, 1, H, device=dev), torch.linspace(-1, 1, W, device=dev),
@@ -132,7 +133,7 @@ def run_flows(energy_grid: Tensor, step_fn: StepFn, cfg: ModelConfig, *, hidden_
     surface_xy = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1)
     pos = torch.cat([surface_xy.repeat(B, 1), torch.zeros(N, 1, device=dev)], dim=1)
     energy = energy_grid.reshape(N, 1).float()
-    sample = torch.arange(B, device=dev).repeat_interleave(S)
+    sample = torch.arange(B, device=dev)[:, None].expand(B, S).reshape(-1)  # repeat_interleave would sync
     hidden = (torch.randn(cfg.carrier_layers, N, cfg.carrier_hidden, device=dev)
               * cfg.hidden_noise_std).to(hidden_dtype)
     path = torch.zeros(N, device=dev)

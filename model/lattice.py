@@ -123,7 +123,7 @@ class EnergyCarrier(nn.Module):
     """
 
     def __init__(self, in_features: int, hidden: int, layers: int, energy_update: str = "residual",
-                 plane_split: str = "learned"):
+                 plane_split: str = "learned", split_energy_gain: float = 0.0):
         super().__init__()
         self.energy_update = energy_update
         self.gru = StepGRU(in_features + 1, hidden, layers)
@@ -131,6 +131,10 @@ class EnergyCarrier(nn.Module):
         self.move_head = nn.Linear(hidden, 3)
         self.gate_head = nn.Linear(hidden, 1) if energy_update == "gated" else None
         self.split_head = nn.Linear(hidden, 1) if plane_split == "learned" else None
+        # The split also sees the energy it splits, through a learned gain: with the head alone the
+        # split stayed near 1/2 and the two planes near-identical halves of one map.
+        self.split_energy_gain = (nn.Parameter(torch.tensor(float(split_energy_gain)))
+                                  if plane_split == "learned" and split_energy_gain else None)
         if energy_update == "residual":
             nn.init.zeros_(self.energy_head.weight)
             nn.init.zeros_(self.energy_head.bias)
@@ -149,7 +153,12 @@ class EnergyCarrier(nn.Module):
             new_energy = torch.lerp(energy, head, torch.sigmoid(self.gate_head(h)).float())
         else:
             new_energy = head
-        split = torch.sigmoid(self.split_head(h)) if self.split_head is not None else None
+        split = None
+        if self.split_head is not None:
+            logit = self.split_head(h).float()
+            if self.split_energy_gain is not None:
+                logit = logit + self.split_energy_gain * new_energy
+            split = torch.sigmoid(logit)
         return hidden, new_energy, torch.tanh(self.move_head(h)), split
 
 
@@ -195,7 +204,7 @@ class EnergyLattice(nn.Module):
                                   cfg.energy_init_spread, cfg.mapper_layer_norm)
         self.neuron = SimpleNeuron(cfg.neuron_hidden, cfg.neuron_features)
         self.carrier = EnergyCarrier(cfg.neuron_features, cfg.carrier_hidden, cfg.carrier_layers,
-                                     cfg.energy_update, cfg.plane_split)
+                                     cfg.energy_update, cfg.plane_split, cfg.split_energy_gain)
         self.collector = Collector(cfg.embed_dim, cfg.height, cfg.width, cfg.collector_rank)
         # pred = skip_scale * embedding + collector(planes). The scale is a single learned number, so
         # the skip path alone can never be better than the identity baseline.

@@ -92,7 +92,6 @@ def evaluate(model: EnergyLattice, val: Split, *, batch_size: int, device: torch
                 add("cosine_skip_only", F.cosine_similarity(out.skip_only.float(), y, dim=-1).sum())
             upper, lower = out.planes[:, 1], out.planes[:, 0]
             add("plane_diff_mass", (upper - lower).abs().sum())
-            add("plane_mass", (upper + lower).abs().sum())
             add("upper_plane_mass", upper.abs().sum())
             add("lower_plane_mass", lower.abs().sum())
     model.train(was_training)
@@ -109,15 +108,17 @@ def finish_metrics(means: dict[str, float]) -> dict[str, float]:
     """The reported validation metrics from (merged) per-row means. Adds
 
     lattice_gain      what the lattice adds over its skip path alone (cosine)
-    plane_difference  sum|p1 - p0| / sum|p1 + p0|: 0 for two copies of one map, 1 where no cell gets
-                      energy on both planes (which includes one plane left empty, hence:)
+    plane_difference  sum|p1 - p0| / sum(|p1| + |p0|) over cells: 0 for two copies of one map, 1 where
+                      no cell holds energy of one sign on both planes (which includes one plane left
+                      empty, hence:). For non-negative planes this is sum|p1 - p0| / sum|p1 + p0|;
+                      the energies are signed, and then this form stays within [0, 1].
     plane_balance     the smaller plane's share of the deposited energy: 0 if one plane is empty
     """
-    masses = ("plane_diff_mass", "plane_mass", "upper_plane_mass", "lower_plane_mass")
+    masses = ("plane_diff_mass", "upper_plane_mass", "lower_plane_mass")
     out = {k: v for k, v in means.items() if k not in masses}
     out["lattice_gain"] = means["cosine"] - means["cosine_skip_only"]
-    out["plane_difference"] = means["plane_diff_mass"] / max(means["plane_mass"], 1e-12)
     upper, lower = means["upper_plane_mass"], means["lower_plane_mass"]
+    out["plane_difference"] = means["plane_diff_mass"] / max(upper + lower, 1e-12)
     out["plane_balance"] = min(upper, lower) / max(upper + lower, 1e-12)
     return out
 

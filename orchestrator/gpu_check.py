@@ -154,6 +154,17 @@ def _unit_batch(batch: int, dim: int, device: torch.device, seed: int) -> tuple[
 
 
 def part_precision(env: CheckEnv, figures: dict[str, Any]) -> tuple[bool, str]:
+    # Deterministic kernels, so the fp32 gradients with and without checkpointing are compared
+    # without CUDA's atomic adds reordering the splat sums (that drift measured 3.3e-4 on debug).
+    from .train import use_deterministic_algorithms
+    use_deterministic_algorithms()
+    try:
+        return _precision_cases(env, figures)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def _precision_cases(env: CheckEnv, figures: dict[str, Any]) -> tuple[bool, str]:
     presets, batch = (("smoke",), 1) if env.quick else (("smoke", "debug"), 4)
     cases, problems, worst_grad_gap = [], [], 0.0
     figures.update(cases=cases, problems=problems, grad_tolerance=CHECKPOINT_GRAD_TOLERANCE)

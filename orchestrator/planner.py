@@ -100,7 +100,8 @@ def _carrier_parameters(cfg: ModelConfig) -> int:
     hc, inputs = cfg.carrier_hidden, cfg.neuron_features + 1
     gru = sum(3 * hc * ((inputs if layer == 0 else hc) + hc) + 6 * hc for layer in range(cfg.carrier_layers))
     head_outputs = 1 + 3 + (cfg.energy_update == "gated") + (cfg.plane_split == "learned")
-    return gru + (hc + 1) * head_outputs
+    split_gain = int(cfg.plane_split == "learned" and cfg.split_energy_gain != 0)
+    return gru + (hc + 1) * head_outputs + split_gain
 
 
 def _parameters(cfg: ModelConfig) -> int:
