@@ -294,8 +294,8 @@ def cmd_plan(args) -> int:
     if cuda and (args.budget_gb is None or args.measure):
         import torch
         if not torch.cuda.is_available():
-            raise UserError("--device-type cuda: no CUDA device here to "
-                            + ("measure on; drop --measure" if args.measure else "read free memory from; pass --budget-gb"))
+            raise UserError("--device-type cuda: no CUDA device here to " + (
+                "measure on; drop --measure" if args.measure else "read free memory from; pass --budget-gb"))
     budget = int(args.budget_gb * GiB) if args.budget_gb is not None else available_memory_bytes(args.device_type)
     load = dict(device_type=args.device_type, flows_per_sample=args.flows_per_sample, steps=args.steps)
     plan = (check_batch(cfg, args.batch, budget, headroom=args.headroom, **load) if args.batch
@@ -468,8 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     gpu = sub.add_parser("gpu-check", help="prove the GPU paths in one short run (precision, host syncs, resume, "
                                            "DDP, planner, bench); needs no Ray, MLflow or teacher")
     gpu.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    gpu.add_argument("--data", help="embedded Parquet with input_emb / target_emb columns, e.g. the corpus cache "
-                                    "~/.cache/energy-lattice/corpus/stdlib_pairs.parquet (default: synthetic unit vectors)")
+    gpu.add_argument("--data", help="embedded Parquet with input_emb / target_emb columns, e.g. the corpus "
+                                    "cache ~/.cache/energy-lattice/corpus/stdlib_pairs.parquet (default: "
+                                    "synthetic unit vectors)")
     gpu.add_argument("--quick", action="store_true", help="CI-sized: the smoke preset and small batches")
     gpu.add_argument("--parts", help="comma-separated subset of: precision, host_syncs, train_resume, ddp, planner, "
                                      "bench (default: all)")

@@ -288,10 +288,10 @@ def _train_run(env: CheckEnv, name: str, precision: str, *, resume_from: Path | 
     from .context import LocalContext
     from .train import train_loop, worker_shards
 
-    settings = {"device": env.device.type, "batch_size": 4 if env.quick else 16, "val_max_samples": 16 if env.quick else 64,
-                "warmup_steps": 2, "log_every": 1, "val_every": 4, "checkpoint_every": 4, "decode_every": 4,
-                "decode_examples": 2, "max_steps": 8, "deterministic": True, "model.precision": precision,
-                **overrides}
+    settings = {"device": env.device.type, "batch_size": 4 if env.quick else 16,
+                "val_max_samples": 16 if env.quick else 64, "warmup_steps": 2, "log_every": 1, "val_every": 4,
+                "checkpoint_every": 4, "decode_every": 4, "decode_examples": 2, "max_steps": 8,
+                "deterministic": True, "model.precision": precision, **overrides}
     cfg = make_config("smoke" if env.quick else "debug", settings)
     if env.one_worker_data is None:
         (env.one_worker_data,) = worker_shards(env.data, 1, cfg.val_max_samples)

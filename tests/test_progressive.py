@@ -70,6 +70,8 @@ def head_node(tmp_path_factory):
     proc = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                              f"--port={free_port()}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dashboard}", "--disable-usage-stats",
+                             # Fixed by default (52365, 10001): taken when another head runs on this machine.
+                             f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
                              f"--temp-dir={temp_dir}"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
