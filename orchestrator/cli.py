@@ -142,9 +142,12 @@ def _train_ray(cfg, args) -> int:
 
 
 def cmd_train(args) -> int:
+    from .tracking import resolve_tracking_uri
     cfg = _train_config(args)  # validate before anything slow starts
     if args.workers < 1:
         raise UserError(f"--workers={args.workers} must be at least 1")
+    if not args.no_mlflow:
+        resolve_tracking_uri(args.mlflow_uri)
     return _train_local(cfg, args) if args.local else _train_ray(cfg, args)
 
 
@@ -172,8 +175,10 @@ def cmd_tune(args) -> int:
     from .config import make_config, parse_sets
     from .tune import Sweep, load_space, run_sweep
     load_space(args.space)  # refuse bad files and values before Ray starts
+    from .tracking import resolve_tracking_uri
     sets = parse_sets(args.set or [])
     make_config(args.preset, sets)
+    resolve_tracking_uri(args.mlflow_uri)
     _setup_logging()
     summary = run_sweep(Sweep(
         spaces=args.space, preset=args.preset, sets=sets, num_samples=args.num_samples, max_steps=args.max_steps,

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 REGISTERED_MODEL = "energy-lattice"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# The tracking stores MLflow can open (a plain folder path works too; SQL schemes may name a driver,
+# as in postgresql+psycopg2://).
+TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
 
 
 class TrackingConfigError(ValueError):
@@ -33,8 +36,14 @@ class TrackingConfigError(ValueError):
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """Flag, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; local paths made absolute so that
-    workers with another working directory write to the same store."""
+    workers with another working directory write to the same store. A scheme MLflow cannot store
+    runs in is refused here, before anything slow starts."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    scheme = uri.partition("://")[0].split("+")[0].lower() if "://" in uri else ""
+    if scheme and scheme not in TRACKING_SCHEMES:
+        source = "" if uri != os.environ.get("MLFLOW_TRACKING_URI") else " (from MLFLOW_TRACKING_URI)"
+        raise TrackingConfigError(f"MLflow tracking URI {uri}{source} has an unsupported scheme {scheme!r}; use "
+                                  f"{', '.join(s + '://' for s in TRACKING_SCHEMES)} or a folder path")
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
     if "://" not in uri:  # a plain folder is MLflow's file store

@@ -45,6 +45,7 @@ def test_train_local_writes_the_summary_json(tmp_path, corpus_path):
     (["--preset", "huge"], "invalid choice: 'huge'"),
     (["--data", "/nonexistent/pairs.parquet"], "dataset /nonexistent/pairs.parquet does not exist"),
     (["--workers", "0"], "--workers=0 must be at least 1"),
+    (["--mlflow-uri", "ftp://x"], "MLflow tracking URI ftp://x has an unsupported scheme 'ftp'; use http://"),
 ])
 def test_bad_input_exits_2_with_one_line_naming_the_problem(args, needle, tmp_path):
     result = cli("train", "--local", "--preset", "smoke", *args, cwd=tmp_path, timeout=120)
@@ -68,3 +69,18 @@ def test_load_reports_a_missing_store_or_version_in_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: cannot load models:/energy-lattice/999")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "--workers", "1", "--mlflow-uri", "ftp://x"],
+    ["tune", "--space", str(REPO / "tune_spaces" / "spawn_convergence.yaml"), "--mlflow-uri", "ftp://x"],
+    ["compare", "--experiment", "any", "--mlflow-uri", "ftp://x"],
+])
+def test_a_tracking_uri_mlflow_cannot_use_is_one_line_naming_it_and_the_schemes(command, tmp_path):
+    result = cli(*command, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: MLflow tracking URI ftp://x has an unsupported scheme 'ftp'")
+    assert "http://, https://, sqlite://, file://" in line
+    assert not list(tmp_path.iterdir())
+
