@@ -173,11 +173,14 @@ def cmd_load(args) -> int:
 
 def cmd_tune(args) -> int:
     from .config import make_config, parse_sets
-    from .tune import Sweep, load_space, run_sweep
-    load_space(args.space)  # refuse bad files and values before Ray starts
     from .tracking import resolve_tracking_uri
+    from .tune import Sweep, asha_limits, load_space, run_sweep
+    space = load_space(args.space)  # refuse bad files and values before Ray starts
     sets = parse_sets(args.set or [])
-    make_config(args.preset, sets)
+    steps = {} if args.max_steps is None else {"max_steps": args.max_steps}
+    base = make_config(args.preset, {**sets, **steps})
+    if args.scheduler == "asha":
+        asha_limits(base, space)
     resolve_tracking_uri(args.mlflow_uri)
     _setup_logging()
     summary = run_sweep(Sweep(

@@ -248,6 +248,32 @@ class Sweep:
     max_failures: int = 1
 
 
+# Config fields that decide when a trial reports its validation cosine; ASHA's rungs are set from them.
+REPORT_SCHEDULE_FIELDS = ("max_steps", "val_every", "checkpoint_every")
+
+
+def asha_limits(cfg: TrainConfig, space: SearchSpace) -> tuple[int, int]:
+    """(grace_period, max_t) for ASHA in optimizer steps, for a scheduler with stop_last_trials=False.
+
+    A trial reports its validation cosine at every validation, every checkpoint and at max_steps;
+    ASHA judges it at the first report at or after each rung (grace_period * 2^k, up to max_t).
+    The first rung is no earlier than the first report, so no trial is judged before its first
+    validation (and, past that, not before a quarter of the run); the last is before max_steps,
+    since a trial at its last step has nothing left to save and stopping it there would only cut
+    its final summary and plots. When no report comes before the last step there is nothing to
+    stop early, and the rungs lie past max_steps. Any max_steps >= 1 works.
+    """
+    sampled = [key for key in REPORT_SCHEDULE_FIELDS if key in space.entries]
+    if sampled:
+        raise SpaceError(f"the space samples {', '.join(sampled)}, which ASHA's schedule is derived from; fix "
+                         f"{'it' if len(sampled) == 1 else 'them'} with --set or --max-steps, or use --scheduler fifo")
+    first_report = min(cfg.val_every, cfg.checkpoint_every, cfg.max_steps)
+    grace, last_rung = max(first_report, cfg.max_steps // 4), cfg.max_steps - 1
+    if grace > last_rung:
+        return cfg.max_steps + 1, cfg.max_steps + 1
+    return grace, last_rung
+
+
 def _trial_resources(sweep: Sweep) -> dict[str, float]:
     if sweep.workers_per_trial > 1:
         # The trial only waits on its TorchTrainer, whose workers hold the real resources; Tune
@@ -309,11 +335,13 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
     sets = dict(sweep.sets)
     if sweep.max_steps is not None:
         sets["max_steps"] = sweep.max_steps
-    base = prepare_config(make_config(sweep.preset, sets))  # validates, builds the corpus once
+    uri = resolve_tracking_uri(sweep.tracking_uri)
+    base = make_config(sweep.preset, sets)
+    grace_period, max_t = asha_limits(base, space) if sweep.scheduler == "asha" else (None, None)
+    base = prepare_config(base)  # builds the corpus once
     sets["data_path"] = base.data_path
 
     connect(sweep.address)
-    uri = resolve_tracking_uri(sweep.tracking_uri)
     check_tracking_uri(uri, alive_node_count())
     storage = storage_path(sweep.storage)
     sweep_dir = Path(storage) / sweep.experiment
@@ -353,8 +381,8 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
         scheduler = None
         if sweep.scheduler == "asha":
             from ray.tune.schedulers import ASHAScheduler
-            scheduler = ASHAScheduler(time_attr="step", max_t=base.max_steps, reduction_factor=2,
-                                      grace_period=max(base.val_every, base.max_steps // 4))
+            scheduler = ASHAScheduler(time_attr="step", max_t=max_t, reduction_factor=2, grace_period=grace_period,
+                                      stop_last_trials=False)  # a trial ends itself, after its summary
         tuner = tune.Tuner(
             trainable,
             param_space={"preset": sweep.preset, "set": sets, "sampled": space.param_space(), "sweep": info},

@@ -84,3 +84,11 @@ def test_a_tracking_uri_mlflow_cannot_use_is_one_line_naming_it_and_the_schemes(
     assert "http://, https://, sqlite://, file://" in line
     assert not list(tmp_path.iterdir())
 
+
+def test_a_sweep_whose_space_samples_the_report_schedule_is_refused_under_asha(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("val_every: {choice: [2, 4]}\n")
+    result = cli("tune", "--space", str(space), cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: the space samples val_every, which ASHA's schedule is derived from; fix it "
+                                     "with --set or --max-steps, or use --scheduler fifo")
