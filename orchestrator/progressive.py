@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model import PRESETS
+from model import PRESETS, EnergyLattice
 from model.transfer import transfer
 
-from .config import make_config, parse_sets
+from .config import TrainConfig, make_config, parse_sets
 from .ray_train import Launch, alive_node_count, connect, run_ray_train
 from .tracking import (REGISTERED_MODEL, browse_command, check_tracking_uri, child_runs, client_for,
                        end_run, load_registered_model, resolve_tracking_uri, start_run)
@@ -51,6 +51,23 @@ class ScalingJob:
     tracking_uri: str | None = None
     address: str | None = None
     max_failures: int = 2
+    fresh_start_incompatible: bool = False  # a stage that cannot take the previous weights starts from random ones
+
+
+class IncompatibleStagesError(ValueError):
+    """A stage whose model cannot start from the previous stage's weights."""
+
+
+def incompatible_stages(configs: dict[str, TrainConfig], stages: list[str]) -> dict[str, str]:
+    """{stage: why it cannot start from the previous stage's weights}, found by carrying untrained
+    weights over exactly as the job will carry trained ones, so nothing trains before a refusal."""
+    problems = {}
+    for previous, stage in zip(stages, stages[1:]):
+        try:
+            transfer(EnergyLattice(configs[previous].model.resolved()), configs[stage].model.resolved())
+        except ValueError as e:
+            problems[stage] = f"{previous} -> {stage}: {e}"
+    return problems
 
 
 def _memory_probe(device_type: str) -> int:
@@ -101,9 +118,14 @@ def run_job(job: ScalingJob) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown stage preset(s) {unknown}; choose from {', '.join(PRESETS)}")
     configs = {p: make_config(p, {**job.sets, "max_steps": job.steps_per_stage}) for p in job.stages}  # validate all
+    incompatible = incompatible_stages(configs, job.stages)
+    if incompatible and not job.fresh_start_incompatible:
+        raise IncompatibleStagesError(
+            f"stage {next(iter(incompatible.values()))}; pick stages that agree on these sizes, or pass "
+            f"--fresh-start-incompatible to train such a stage from random weights")
+    uri = resolve_tracking_uri(job.tracking_uri)
 
     connect(job.address)
-    uri = resolve_tracking_uri(job.tracking_uri)
     check_tracking_uri(uri, alive_node_count())
     parent_id, resumed = _find_or_start_parent(uri, job)
     log.info("%s job %s (MLflow parent run %s)", "resuming" if resumed else "starting", ",".join(job.stages), parent_id)
@@ -127,7 +149,9 @@ def run_job(job: ScalingJob) -> dict[str, Any]:
                                max_batch=cfg.batch_size).batch
         cfg = dataclasses.replace(cfg, batch_size=batch)
         init_state, init_from = None, "random"
-        if previous_version is not None:
+        if preset in incompatible:
+            init_from = "random (cannot carry weights over)"
+        elif previous_version is not None:
             init_from = f"models:/{REGISTERED_MODEL}/{previous_version}"
             source = load_registered_model(init_from, uri)
             init_state = transfer(source, cfg.model.resolved()).state_dict()
@@ -198,6 +222,9 @@ def build_parser():
     p.add_argument("--mlflow-uri", help=MLFLOW_URI_HELP)
     p.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, as `ray job submit` sets it, else embedded)")
     p.add_argument("--max-failures", type=int, default=2)
+    p.add_argument("--fresh-start-incompatible", action="store_true",
+                   help="train a stage whose model cannot take the previous stage's weights (another carrier "
+                        "size, say) from random weights, instead of refusing the job before it starts")
     p.add_argument("--summary-json", help="write the job summary here")
     return p
 
@@ -212,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                          cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
                          batch=args.batch, sets=parse_sets(args.set or []), experiment=args.experiment,
                          storage=args.storage, tracking_uri=args.mlflow_uri, address=args.address,
-                         max_failures=args.max_failures)
+                         max_failures=args.max_failures, fresh_start_incompatible=args.fresh_start_incompatible)
         if job.workers < 1 or job.steps_per_stage < 1 or (job.batch is not None and job.batch < 1):
             raise UserError("--workers, --steps-per-stage and --batch must be at least 1")
         _setup_logging()

@@ -153,3 +153,25 @@ def test_a_job_interrupted_after_stage_one_does_not_retrain_it(tmp_path, ray_ins
     second = stages["scale-24"]
     assert [m.step for m in client.get_metric_history(second.info.run_id, "loss")] == list(range(1, 7))
     assert started_from_previous_stage(summary["tracking_uri"], rows["scale-12"]["model_version"], second)
+
+
+def test_stages_that_cannot_share_weights_are_refused_before_anything_starts(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "jobs" / "progressive_scaling.py"), "--stages", "smoke,debug"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "RAY_ADDRESS": ""})
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: stage smoke -> debug: ") and "carrier_hidden: source 32 vs target 256" in line
+    assert "--fresh-start-incompatible" in line
+    assert not list(tmp_path.iterdir()), "nothing may start (no MLflow store, no Ray results) before the refusal"
+
+
+def test_with_the_flag_an_incompatible_stage_starts_from_random_weights(tmp_path, ray_instance, corpus_path):
+    summary = run_job(ScalingJob(stages=["smoke", "debug"], steps_per_stage=2, batch=4, fresh_start_incompatible=True,
+                                 sets={**quick_sets(corpus_path), "val_max_samples": 8}, experiment="fresh",
+                                 storage=str(tmp_path / "ray"), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    assert summary["status"] == "completed"
+    rows = {r["preset"]: r for r in summary["stages"]}
+    assert rows["smoke"]["init_from"] == "random" and rows["debug"]["init_from"].startswith("random")
+    client = MlflowClient(summary["tracking_uri"])
+    assert client.get_run(rows["debug"]["mlflow_run_id"]).data.tags["init_source"] == "random"
