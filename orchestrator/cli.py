@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -37,12 +36,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _setup_logging(log_file: Path | None = None) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        handlers=handlers, force=True)
+    from .console import setup_logging
+    setup_logging(log_file)
 
 
 def _write_json(path: str | Path, obj: dict[str, Any]) -> None:
@@ -90,14 +85,16 @@ def _train_local(cfg, args) -> int:
     from model.config import flatten
 
     from .config import run_tags
+    from .console import ConsoleTracker
     from .context import FileTracker, LocalContext, TrackerGroup
     from .tracking import MlflowTracker, finish_run, resolve_tracking_uri, start_run
     from .train import train_loop
 
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     _setup_logging(out / "train.log")
+    print(f"training {cfg.preset} in this process; every log line goes to {out / 'train.log'}", flush=True)
     ctx = LocalContext(out, resume_from=args.resume, keep=cfg.keep_checkpoints)
-    tracker, run_id, uri = FileTracker(out), None, None
+    tracker, run_id, uri = TrackerGroup(FileTracker(out), ConsoleTracker(cfg.max_steps)), None, None
     if not args.no_mlflow:
         uri = resolve_tracking_uri(args.mlflow_uri)
         run_id = start_run(uri, args.experiment, out.name, params=flatten(cfg), tags=run_tags(cfg, 1))
@@ -173,6 +170,7 @@ def cmd_load(args) -> int:
 
 def cmd_tune(args) -> int:
     from .config import make_config, parse_sets
+    from .console import tool_command
     from .tracking import resolve_tracking_uri
     from .tune import Sweep, asha_limits, load_space, run_sweep
     space = load_space(args.space)  # refuse bad files and values before Ray starts
@@ -202,8 +200,8 @@ def cmd_tune(args) -> int:
         print(f"  {t['trial_id']:22s} {t['status']:11s} {_fmt(t['val_cosine']):>8s} {str(t['model_version']):>7s}  "
               f"{params}" + (f"  ({t['reason']})" if t.get("reason") else ""))
     print(f"\n  wall time {summary['wall_time_s']:.0f} s, trials' own time {summary['trial_train_time_s']:.0f} s")
-    print(f"  MLflow parent run {summary['parent_run_id']}; compare with: python -m orchestrator compare "
-          f"--experiment {args.experiment}")
+    print(f"  MLflow parent run {summary['parent_run_id']}; compare with: {tool_command('python')} -m orchestrator "
+          f"compare --experiment {args.experiment}")
     return 0
 
 

@@ -27,9 +27,10 @@ from model import PRESETS, EnergyLattice
 from model.transfer import transfer
 
 from .config import TrainConfig, make_config, parse_sets
-from .ray_train import Launch, alive_node_count, connect, run_ray_train
 from .tracking import (REGISTERED_MODEL, browse_command, check_tracking_uri, child_runs, client_for,
                        end_run, load_registered_model, resolve_tracking_uri, start_run)
+from .console import tool_command
+from .ray_train import Launch, alive_node_count, connect, ray_logs_dir, run_ray_train
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,9 @@ def run_job(job: ScalingJob) -> dict[str, Any]:
     connect(job.address)
     check_tracking_uri(uri, alive_node_count())
     parent_id, resumed = _find_or_start_parent(uri, job)
-    log.info("%s job %s (MLflow parent run %s)", "resuming" if resumed else "starting", ",".join(job.stages), parent_id)
+    print(f"{'resuming' if resumed else 'starting'} progressive scaling {' -> '.join(job.stages)}, "
+          f"{job.steps_per_stage} steps per stage (MLflow experiment {job.experiment}, parent run {parent_id})",
+          flush=True)
     done = child_runs(uri, job.experiment, parent_id, "stage")
     client = client_for(uri)
 
@@ -136,7 +139,8 @@ def run_job(job: ScalingJob) -> dict[str, Any]:
     for index, preset in enumerate(job.stages):
         run = done.get(preset)
         if run is not None and run.data.tags.get("status") == "completed" and run.data.tags.get("model_version"):
-            log.info("stage %s finished earlier (version %s); skipping it", preset, run.data.tags["model_version"])
+            print(f"stage {index + 1}/{len(job.stages)} {preset}: finished earlier (energy-lattice version "
+                  f"{run.data.tags['model_version']}); skipping it", flush=True)
             rows.append(_row(preset, run, skipped=True))
             previous_version = run.data.tags["model_version"]
             continue
@@ -162,7 +166,9 @@ def run_job(job: ScalingJob) -> dict[str, Any]:
                         model_alias=f"stage-{preset}", mlflow_run_id=run.info.run_id if run else None,
                         run_tags={"stage": preset, "stage_index": str(index), "init_from": init_from,
                                   "batch_from": "--batch" if job.batch else "planner"})
-        log.info("stage %s: batch %d, starting from %s", preset, batch, init_from)
+        m = cfg.model
+        print(f"\nstage {index + 1}/{len(job.stages)} {preset}: lattice {m.width}x{m.height}x{m.depth}, batch {batch}, "
+              f"{cfg.max_steps} steps, from {init_from}", flush=True)
         summary = run_ray_train(cfg, launch, init_state=init_state)
         rows.append(_row(preset, client.get_run(summary["mlflow_run_id"]), skipped=False,
                          checkpoint=summary.get("checkpoint")))
@@ -196,13 +202,13 @@ def print_table(summary: dict[str, Any]) -> None:
     if versions:
         last = versions[-1]
         print(f"  checkpoints:      registered in MLflow, e.g.  "
-              f"python -m orchestrator load models:/{REGISTERED_MODEL}@stage-{last['preset']}")
+              f"{tool_command('python')} -m orchestrator load models:/{REGISTERED_MODEL}@stage-{last['preset']}")
     for r in summary["stages"]:
         if r.get("checkpoint"):
             print(f"                    {r['preset']}, Ray Train's copy: {r['checkpoint']}")
     if summary.get("summary_json"):
         print(f"  summary:          {summary['summary_json']}")
-    print("  logs:             this output; Ray's worker logs under /tmp/ray/session_latest/logs")
+    print(f"  logs:             this output; Ray's own (its workers' output included) under {ray_logs_dir()}")
 
 
 def build_parser():

@@ -207,7 +207,7 @@ def register_checkpoint(uri: str, run_id: str, checkpoint_dir: str | Path, *, ta
     if alias:
         client.set_registered_model_alias(REGISTERED_MODEL, alias, version.version)
     client.set_tag(run_id, "model_version", version.version)
-    log.info("registered %s version %s from run %s", REGISTERED_MODEL, version.version, run_id)
+    log.debug("registered %s version %s from run %s", REGISTERED_MODEL, version.version, run_id)  # callers print it
     return str(version.version)
 
 

@@ -190,13 +190,12 @@ def _trial_run_id(sweep: dict[str, Any], trial_id: str, cfg: TrainConfig, sample
                      parent_run_id=sweep["parent_run_id"])
 
 
-def run_trial(config: dict[str, Any], data: PairDataset) -> None:
-    """The function every Tune trial runs; `data` comes through the object store."""
+def run_trial(config: dict[str, Any], data: PairDataset, sweep: dict[str, Any]) -> None:
+    """The function every Tune trial runs; `data` and the sweep's settings come through the object store."""
     import ray.tune
 
     from .planner import MemoryBudgetError, plan_batch
 
-    sweep = config["sweep"]
     trial_id = ray.tune.get_context().get_trial_id()
     cfg, sampled = trial_config(config)
     run_id = _trial_run_id(sweep, trial_id, cfg, sampled)
@@ -349,14 +348,21 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
     concurrent = sweep.concurrency or max(1, int(_cluster_cpus() // max(1, sweep.workers_per_trial)))
     budget = (int(sweep.trial_memory_gb * 2**30) if sweep.trial_memory_gb
               else available_memory_bytes(device_type) // (1 if device_type == "cuda" else concurrent))
-    # The dataset is loaded (and embedded) once here and reaches every trial through the object store.
-    trainable = tune.with_resources(tune.with_parameters(run_trial, data=load_data(base)), _trial_resources(sweep))
+    data = load_data(base)  # loaded (and embedded) once; it reaches every trial through the object store
+
+    def settings_for_trials(parent_run_id: str) -> dict[str, Any]:
+        return {"tracking_uri": uri, "experiment": sweep.experiment, "parent_run_id": parent_run_id,
+                "name": sweep.experiment, "storage": storage, "workers_per_trial": sweep.workers_per_trial,
+                "gpus_per_trial": sweep.gpus_per_trial, "trial_memory_bytes": budget, "device_type": device_type,
+                "max_failures": sweep.max_failures}
 
     if sweep.resume:
         if not (sweep_dir / SWEEP_FILE).exists():
             raise SpaceError(f"no sweep to resume at {sweep_dir}")
-        parent_run_id = json.loads((sweep_dir / SWEEP_FILE).read_text())["parent_run_id"]
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
+        saved = json.loads((sweep_dir / SWEEP_FILE).read_text())
+        info = {**settings_for_trials(saved["parent_run_id"]), **saved}  # a resumed sweep keeps its settings
+        parent_run_id = info["parent_run_id"]
+        tuner = tune.Tuner.restore(str(sweep_dir), trainable=_trainable(data, info, sweep), resume_unfinished=True,
                                    resume_errored=True)
         log.info("resuming sweep %s (MLflow parent run %s)", sweep_dir, parent_run_id)
     else:
@@ -372,20 +378,17 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
         client = client_for(uri)
         for name, text in space.files.items():
             client.log_text(parent_run_id, text, f"spaces/{name}")
+        info = settings_for_trials(parent_run_id)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / SWEEP_FILE).write_text(json.dumps({"parent_run_id": parent_run_id, "tracking_uri": uri}))
-        info = {"tracking_uri": uri, "experiment": sweep.experiment, "parent_run_id": parent_run_id,
-                "name": sweep.experiment, "storage": storage, "workers_per_trial": sweep.workers_per_trial,
-                "gpus_per_trial": sweep.gpus_per_trial, "trial_memory_bytes": budget, "device_type": device_type,
-                "max_failures": sweep.max_failures}
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps(info))
         scheduler = None
         if sweep.scheduler == "asha":
             from ray.tune.schedulers import ASHAScheduler
             scheduler = ASHAScheduler(time_attr="step", max_t=max_t, reduction_factor=2, grace_period=grace_period,
                                       stop_last_trials=False)  # a trial ends itself, after its summary
         tuner = tune.Tuner(
-            trainable,
-            param_space={"preset": sweep.preset, "set": sets, "sampled": space.param_space(), "sweep": info},
+            _trainable(data, info, sweep),
+            param_space={"preset": sweep.preset, "set": sets, "sampled": space.param_space()},
             tune_config=tune.TuneConfig(num_samples=sweep.num_samples, metric="val_cosine", mode="max",
                                         scheduler=scheduler, max_concurrent_trials=sweep.concurrency),
             run_config=tune.RunConfig(
@@ -416,6 +419,13 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
             "parent_run_id": parent_run_id,
             "tracking_uri": uri, "sweep_path": str(sweep_dir), "wall_time_s": wall,
             "trial_train_time_s": sum(t["train_time_s"] or 0.0 for t in trials)}
+
+
+def _trainable(data: PairDataset, info: dict[str, Any], sweep: Sweep):
+    """run_trial with the data and the sweep's settings as parameters: kept out of the trials' config,
+    Tune's tables of each trial show the values that vary, not the plumbing."""
+    from ray import tune
+    return tune.with_resources(tune.with_parameters(run_trial, data=data, sweep=info), _trial_resources(sweep))
 
 
 def _interrupted(sweep_dir: Path, expected_trials: int) -> bool:

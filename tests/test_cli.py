@@ -33,6 +33,12 @@ def test_train_local_writes_the_summary_json(tmp_path, corpus_path):
     assert summary["mlflow_run_id"] and summary["model_version"]  # local runs are tracked too
     assert (tmp_path / "mlflow.db").exists() and "mlflow ui --backend-store-uri sqlite:///" in result.stdout
     assert {p.name for p in (tmp_path / "run" / "plots").iterdir()} >= {"loss_curve.png", "output_surfaces.png"}
+    # the console: one line per validation (steps 0 and 3 here), with the baselines
+    validations = [line for line in result.stdout.splitlines() if "val cosine" in line]
+    assert [line.split()[1] for line in validations] == ["0/3", "3/3"]
+    assert all("baselines identity" in line for line in validations)
+    assert "INFO" not in result.stderr and "step 3: loss" not in result.stderr  # the loop's detail: train.log
+    assert "step 3: loss" in (tmp_path / "run" / "train.log").read_text()
 
 
 @pytest.mark.parametrize("args, needle", [
