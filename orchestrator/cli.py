@@ -73,12 +73,15 @@ def _print_summary(summary: dict[str, Any], title: str) -> None:
     print(f"  {'baseline_ridge_top1':26s} {_fmt(summary.get('baseline_ridge_top1'))}")
 
 
-def _print_mlflow(summary: dict[str, Any]) -> None:
+def _print_mlflow(summary: dict[str, Any], experiment: str) -> None:
     if summary.get("mlflow_run_id"):
         print(f"\n  MLflow run   {summary['mlflow_run_id']}   registered energy-lattice version "
               f"{summary.get('model_version')}")
-        from .tracking import browse_command
-        print(f"  browse       {browse_command(summary['tracking_uri'])}")
+        from .tracking import browse_lines, experiment_id
+        browse = browse_lines(summary["tracking_uri"], experiment_id(summary["tracking_uri"], experiment))
+        print(f"  browse       {browse[0]}")
+        for line in browse[1:]:
+            print(f"               {line}")
 
 
 def _train_local(cfg, args) -> int:
@@ -113,7 +116,7 @@ def _train_local(cfg, args) -> int:
     print(f"  summary      {args.summary_json or out / 'summary.json'}")
     print(f"  metrics      {out / 'metrics.jsonl'}   decoded examples {out / 'decoded'}   plots {out / 'plots'}")
     print(f"  log          {out / 'train.log'}")
-    _print_mlflow(summary)
+    _print_mlflow(summary, args.experiment)
     return 0 if summary["status"] == "completed" else 1
 
 
@@ -132,7 +135,7 @@ def _train_ray(cfg, args) -> int:
     print(f"  Ray run      {summary.get('ray_run_path')}")
     if args.summary_json:
         print(f"  summary      {args.summary_json}")
-    _print_mlflow(summary)
+    _print_mlflow(summary, args.experiment)
     if summary.get("error"):
         print(f"  error        {summary['error']}")
     return 0 if summary["status"] == "completed" else 1
@@ -171,7 +174,7 @@ def cmd_load(args) -> int:
 def cmd_tune(args) -> int:
     from .config import make_config, parse_sets
     from .console import tool_command
-    from .tracking import resolve_tracking_uri
+    from .tracking import browse_lines, experiment_id, resolve_tracking_uri
     from .tune import Sweep, asha_limits, load_space, run_sweep
     space = load_space(args.space)  # refuse bad files and values before Ray starts
     sets = parse_sets(args.set or [])
@@ -202,6 +205,8 @@ def cmd_tune(args) -> int:
     print(f"\n  wall time {summary['wall_time_s']:.0f} s, trials' own time {summary['trial_train_time_s']:.0f} s")
     print(f"  MLflow parent run {summary['parent_run_id']}; compare with: {tool_command('python')} -m orchestrator "
           f"compare --experiment {args.experiment}")
+    for line in browse_lines(summary["tracking_uri"], experiment_id(summary["tracking_uri"], args.experiment)):
+        print(f"  {line}")
     return 0
 
 

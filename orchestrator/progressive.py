@@ -27,10 +27,10 @@ from model import PRESETS, EnergyLattice
 from model.transfer import transfer
 
 from .config import TrainConfig, make_config, parse_sets
-from .tracking import (REGISTERED_MODEL, browse_command, check_tracking_uri, child_runs, client_for,
-                       end_run, load_registered_model, resolve_tracking_uri, start_run)
 from .console import tool_command
 from .ray_train import Launch, alive_node_count, connect, ray_logs_dir, run_ray_train
+from .tracking import (REGISTERED_MODEL, browse_lines, check_tracking_uri, child_runs, client_for, end_run,
+                       experiment_id, load_registered_model, resolve_tracking_uri, start_run)
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,10 @@ def print_table(summary: dict[str, Any]) -> None:
         print(f"  {r['preset']:10s} {r['lattice'] or '-':12s} {r['steps']:>6d} {r['batch']:>6d} {cos:>8s} "
               f"{top1:>6s} {str(r['model_version']):>8s}  {r['init_from'] or '-'}"
               + ("  (finished earlier)" if r["skipped"] else ""))
-    print(f"\n  browse the runs:  {browse_command(summary['tracking_uri'])}")
+    browse = browse_lines(summary["tracking_uri"], experiment_id(summary["tracking_uri"], summary["experiment"]))
+    print(f"\n  browse the runs:  {browse[0]}")
+    for line in browse[1:]:
+        print(f"                    {line}")
     versions = [r for r in summary["stages"] if r["model_version"]]
     if versions:
         last = versions[-1]

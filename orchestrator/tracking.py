@@ -28,6 +28,12 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # The tracking stores MLflow can open (a plain folder path works too; SQL schemes may name a driver,
 # as in postgresql+psycopg2://).
 TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
+# MLflow 3 has a GenAI view (traces) and a model-training view (runs) of every experiment. The tag
+# records which one an experiment is for; the links this project prints also ask for the runs view
+# in the URL, which MLflow 3.17's UI follows even in a browser that has never opened it.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+MLFLOW_UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 
 
 class TrackingConfigError(ValueError):
@@ -55,9 +61,25 @@ def is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
 
-def browse_command(uri: str) -> str:
-    """What to run (a local store) or open (a server) to see this store's runs in the MLflow UI."""
-    return f"mlflow ui --backend-store-uri {uri}" if is_local_store(uri) else uri
+def runs_view_url(base_url: str, experiment_id: str) -> str:
+    """The MLflow UI page listing an experiment's runs, in the view for model training (not GenAI)."""
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def browse_lines(uri: str, experiment_id: str | None = None) -> list[str]:
+    """How to see this store's runs in the MLflow UI: the command that serves a local store, then the
+    page to open (the experiment's runs view when the experiment is known)."""
+    from .console import tool_command
+    base = MLFLOW_UI_URL if is_local_store(uri) else uri
+    page = runs_view_url(base, experiment_id) if experiment_id else base
+    if not is_local_store(uri):
+        return [page]
+    return [f"{tool_command('mlflow')} ui --backend-store-uri {uri}", f"then open {page}"]
+
+
+def experiment_id(uri: str, name: str) -> str | None:
+    exp = client_for(uri).get_experiment_by_name(name)
+    return exp.experiment_id if exp else None
 
 
 def check_tracking_uri(uri: str, node_count: int) -> None:
@@ -86,14 +108,24 @@ def start_run(uri: str, experiment: str, run_name: str, *, params: dict[str, Any
               parent_run_id: str | None = None) -> str:
     """Create a run (nested under `parent_run_id` if given) with its params and tags; return its id."""
     client = client_for(uri)
-    exp = client.get_experiment_by_name(experiment)
-    experiment_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    experiment_id = ensure_experiment(client, experiment)
     all_tags = {"git_commit": git_commit(), **tags}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
     log_params(client, run.info.run_id, params)
     return run.info.run_id
+
+
+def ensure_experiment(client, name: str) -> str:
+    """The id of experiment `name`, created if needed, tagged as a model-training experiment (also
+    when it was created before the tag was, so the UI opens its runs view)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    if EXPERIMENT_KIND_TAG not in exp.tags:  # an explicit choice someone made in the UI stays
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def child_runs(uri: str, experiment: str, parent_run_id: str, key_tag: str) -> dict[str, Any]:

@@ -33,6 +33,14 @@ def test_train_local_writes_the_summary_json(tmp_path, corpus_path):
     assert summary["mlflow_run_id"] and summary["model_version"]  # local runs are tracked too
     assert (tmp_path / "mlflow.db").exists() and "mlflow ui --backend-store-uri sqlite:///" in result.stdout
     assert {p.name for p in (tmp_path / "run" / "plots").iterdir()} >= {"loss_curve.png", "output_surfaces.png"}
+
+    from mlflow import MlflowClient
+    client = MlflowClient(summary["tracking_uri"])
+    run = client.get_run(summary["mlflow_run_id"])
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning" \
+        in result.stdout
     # the console: one line per validation (steps 0 and 3 here), with the baselines
     validations = [line for line in result.stdout.splitlines() if "val cosine" in line]
     assert [line.split()[1] for line in validations] == ["0/3", "3/3"]

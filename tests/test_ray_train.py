@@ -43,6 +43,7 @@ def test_two_workers_train_on_their_own_shards_and_rank0_logs_a_complete_run(tmp
     # one logger: every logged step appears exactly once
     assert history_steps(client, run.info.run_id, "loss") == list(range(1, 9))
     assert history_steps(client, run.info.run_id, "val_cosine") == [0, 4, 8]
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert run.data.params["model.width"] == "8" and run.data.params["lr"] == str(cfg.lr)
     assert {"preset", "lattice", "workers", "precision", "git_commit"} <= set(run.data.tags)
     assert run.data.tags["workers"] == "2" and run.data.tags["lattice"] == "8x8x8"

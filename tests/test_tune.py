@@ -124,6 +124,8 @@ def test_sweep_of_four_trials_nests_one_child_run_per_trial_under_the_parent(tmp
     assert parent.data.metrics["best_val_cosine"] == pytest.approx(best["val_cosine"])
     assert parent.data.params["space.model.spawn_threshold"] == "uniform(0.05, 0.3)"
     assert "params_vs_val_cosine.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert all(t["steps"] == 10 for t in trials)
 
     table = compare_runs("sweep-test", summary["tracking_uri"], top=3)
