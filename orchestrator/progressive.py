@@ -30,7 +30,7 @@ from .config import TrainConfig, make_config, parse_sets
 from .console import tool_command
 from .ray_train import Launch, alive_node_count, connect, ray_logs_dir, run_ray_train
 from .tracking import (REGISTERED_MODEL, browse_lines, check_tracking_uri, child_runs, client_for, end_run,
-                       experiment_id, load_registered_model, resolve_tracking_uri, start_run)
+                       experiment_id, load_registered_model, resolve_tracking_uri, run_metric, start_run)
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,10 @@ def _find_or_start_parent(uri: str, job: ScalingJob) -> tuple[str, bool]:
 
 
 def _row(preset: str, run, *, skipped: bool, checkpoint: str | None = None) -> dict[str, Any]:
-    m, t = run.data.metrics, run.data.tags
+    t = run.data.tags
     return {"preset": preset, "lattice": t.get("lattice"), "steps": int(float(run.data.params.get("max_steps", 0))),
-            "batch": int(float(run.data.params.get("batch_size", 0))), "val_cosine": m.get("val_cosine"),
-            "val_top1": m.get("val_top1"), "model_version": t.get("model_version"),
+            "batch": int(float(run.data.params.get("batch_size", 0))), "val_cosine": run_metric(run, "val_cosine"),
+            "val_top1": run_metric(run, "val_top1"), "model_version": t.get("model_version"),
             "mlflow_run_id": run.info.run_id, "status": t.get("status"), "skipped": skipped,
             "init_from": t.get("init_from"), "checkpoint": checkpoint}
 

@@ -150,6 +150,53 @@ def end_run(uri: str, run_id: str, status: str) -> None:
     client_for(uri).set_terminated(run_id, state)
 
 
+# MLflow's run page groups metrics into sections by the part of the name before "/": sections in
+# alphabetical order, then ungrouped metrics; `system/` metrics go to the System metrics tab. The
+# baselines are constants (one bar chart each), so their section is named to sort after `val`.
+# The training loop, Ray reports, summaries and metrics.jsonl keep flat keys (`val_cosine`); only
+# what MLflow stores gets the sectioned name (`val/cosine`).
+PREFIX_SECTIONS = {"val_": "val", "baseline_": "val_baseline", "train_": "train", "flow_": "flow",
+                   "system_": "system"}
+FLOW_WORDS = ("steps_used", "completion", "spawned")                      # how the flows behaved
+SYSTEM_WORDS = ("samples_per_s", "step_time", "mem_gb", "parameters")     # what the run costs
+
+
+def mlflow_metric_name(key: str, *, with_validation: bool = False) -> str:
+    """The MLflow name of a flat metric key, by rule:
+
+    - a known prefix becomes a section: `val_cosine` -> `val/cosine`, `baseline_ridge_top1` ->
+      `val_baseline/ridge_top1`, `val_cosine_skip_only` -> `val/cosine_skip_only`;
+    - an unprefixed key logged together with validation metrics was measured at that validation:
+      `lattice_gain` -> `val/lattice_gain`, `plane_difference` -> `val/plane_difference`;
+    - otherwise flow statistics go to `flow/`, throughput, memory and size to `system/`, and the
+      rest (loss, lr, grad_norm) to `train/`.
+    A name that already has a section is kept.
+    """
+    if "/" in key:
+        return key
+    for prefix, section in PREFIX_SECTIONS.items():
+        if key.startswith(prefix):
+            return f"{section}/{key[len(prefix):]}"
+    if with_validation:
+        return f"val/{key}"
+    if any(word in key for word in FLOW_WORDS):
+        return f"flow/{key}"
+    if any(word in key for word in SYSTEM_WORDS):
+        return f"system/{key}"
+    return f"train/{key}"
+
+
+def mlflow_metric_names(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A batch of flat metrics under their MLflow names (see mlflow_metric_name)."""
+    with_validation = any(k.startswith("val_") for k in metrics)
+    return {mlflow_metric_name(k, with_validation=with_validation): v for k, v in metrics.items()}
+
+
+def run_metric(run, key: str) -> float | None:
+    """A flat metric's latest value in an MLflow run."""
+    return run.data.metrics.get(mlflow_metric_name(key))
+
+
 class MlflowTracker(Tracker):
     """Logs into an existing run by id (rank 0 of a job).
 
@@ -180,7 +227,7 @@ class MlflowTracker(Tracker):
 
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
-        fresh = [Metric(k, float(v), now, step) for k, v in metrics.items()
+        fresh = [Metric(k, float(v), now, step) for k, v in mlflow_metric_names(metrics).items()
                  if v is not None and step > self._last_logged.get(k, -1)]
         if fresh:
             self.client.log_batch(self.run_id, metrics=fresh)
@@ -202,6 +249,23 @@ class MlflowTracker(Tracker):
         # The launcher reads the summary back from here: it may run on another node than rank 0.
         self.client.log_dict(self.run_id, summary, "summary.json")
         self.client.set_tag(self.run_id, "status", status)
+        self._log_validation_plot()
+
+    def _log_validation_plot(self) -> None:
+        """Validation cosine and top-1 over steps against the baselines, read back from the run so
+        that steps logged before a worker restart are in it too."""
+        from .plots import validation_plot
+
+        def history(key):
+            return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, mlflow_metric_name(key))]
+
+        logged = self.client.get_run(self.run_id).data.metrics
+        section = PREFIX_SECTIONS["baseline_"] + "/"
+        baselines = {"baseline_" + k[len(section):]: v for k, v in logged.items() if k.startswith(section)}
+        with tempfile.TemporaryDirectory() as tmp:
+            path = validation_plot(history("val_cosine"), history("val_top1"), baselines,
+                                   Path(tmp) / "validation_vs_baselines.png")
+            self.client.log_artifact(self.run_id, str(path), "plots")
 
 
 def read_summary(uri: str, run_id: str) -> dict[str, Any] | None:
@@ -280,7 +344,8 @@ def load_registered_model(model_uri: str, tracking_uri: str | None = None):
     return load_model(path)
 
 
-COMPARE_METRICS = ("val_cosine", "val_top1", "val_bleu", "baseline_ridge_cosine", "baseline_identity_cosine")
+COMPARE_METRICS = tuple(mlflow_metric_name(k) for k in ("val_cosine", "val_top1", "val_bleu", "baseline_ridge_cosine",
+                                                          "baseline_identity_cosine"))
 
 
 def compare_runs(experiment: str, tracking_uri: str | None = None, top: int = 10) -> str:
@@ -291,14 +356,15 @@ def compare_runs(experiment: str, tracking_uri: str | None = None, top: int = 10
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise TrackingConfigError(f"no MLflow experiment named {experiment!r} at {uri}")
-    runs = [r for r in client.search_runs([exp.experiment_id], order_by=["metrics.val_cosine DESC"],
+    val_cosine = mlflow_metric_name("val_cosine")
+    runs = [r for r in client.search_runs([exp.experiment_id], order_by=[f"metrics.`{val_cosine}` DESC"],
                                           max_results=max(top * 3, 50))
-            if r.data.tags.get("kind") != "sweep" and "val_cosine" in r.data.metrics][:top]
+            if r.data.tags.get("kind") != "sweep" and val_cosine in r.data.metrics][:top]
     if not runs:
         return f"experiment {experiment!r} has no runs with a validation cosine yet"
     keys = sorted({k for r in runs for k in r.data.params})
     differing = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1 and k != "data_path"]
-    header = ["run", "status", "lattice"] + [m.replace("baseline_", "b_") for m in COMPARE_METRICS]
+    header = ["run", "status", "lattice"] + list(COMPARE_METRICS)
     rows = []
     for r in runs:
         metrics = [f"{r.data.metrics[m]:.4f}" if m in r.data.metrics else "-" for m in COMPARE_METRICS]

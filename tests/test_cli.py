@@ -32,7 +32,8 @@ def test_train_local_writes_the_summary_json(tmp_path, corpus_path):
     assert str(summary_file) in result.stdout and "checkpoint" in result.stdout
     assert summary["mlflow_run_id"] and summary["model_version"]  # local runs are tracked too
     assert (tmp_path / "mlflow.db").exists() and "mlflow ui --backend-store-uri sqlite:///" in result.stdout
-    assert {p.name for p in (tmp_path / "run" / "plots").iterdir()} >= {"loss_curve.png", "output_surfaces.png"}
+    assert {p.name for p in (tmp_path / "run" / "plots").iterdir()} >= {"loss_curve.png", "output_surfaces.png",
+                                                                        "validation_vs_baselines.png"}
 
     from mlflow import MlflowClient
     client = MlflowClient(summary["tracking_uri"])
@@ -41,6 +42,8 @@ def test_train_local_writes_the_summary_json(tmp_path, corpus_path):
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning" \
         in result.stdout
+    assert {"train/loss", "val/cosine", "val_baseline/ridge_cosine", "flow/steps_used"} <= set(run.data.metrics)
+    assert "plots/validation_vs_baselines.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     # the console: one line per validation (steps 0 and 3 here), with the baselines
     validations = [line for line in result.stdout.splitlines() if "val cosine" in line]
     assert [line.split()[1] for line in validations] == ["0/3", "3/3"]

@@ -1,8 +1,10 @@
-"""What the console shows of a run: a line per validation and progress lines. No Ray here; the Ray
-paths are covered by test_ray_train.py and test_progressive.py."""
+"""What the console and MLflow show of a run: progress lines, metric sections, the validation plot.
+No Ray here; the Ray paths are covered by test_ray_train.py and test_progressive.py."""
 import pytest
 
 from orchestrator.console import ConsoleTracker, format_duration
+from orchestrator.plots import validation_figure
+from orchestrator.tracking import mlflow_metric_name, mlflow_metric_names
 
 BASELINES = {"baseline_identity_cosine": 0.46, "baseline_identity_top1": 0.09, "baseline_identity_bleu": 3.0,
              "baseline_ridge_cosine": 0.59, "baseline_ridge_top1": 0.18, "baseline_ridge_lambda": 10.0,
@@ -59,3 +61,47 @@ def test_progress_lines_are_spaced_in_time_and_the_last_step_has_no_eta():
 @pytest.mark.parametrize("seconds, text", [(0, "0m00s"), (59.6, "1m00s"), (250, "4m10s"), (7322, "2h02m")])
 def test_durations(seconds, text):
     assert format_duration(seconds) == text
+
+
+@pytest.mark.parametrize("key, name", [
+    ("loss", "train/loss"), ("lr", "train/lr"), ("grad_norm", "train/grad_norm"),
+    ("steps_used", "flow/steps_used"), ("completion", "flow/completion"),
+    ("spawned_per_sample", "flow/spawned_per_sample"),
+    ("samples_per_s", "system/samples_per_s"), ("step_time_s", "system/step_time_s"),
+    ("peak_mem_gb", "system/peak_mem_gb"), ("parameters", "system/parameters"),
+    ("val_cosine", "val/cosine"), ("val_top1", "val/top1"), ("val_steps_used", "val/steps_used"),
+    ("val_cosine_skip_only", "val/cosine_skip_only"), ("val_top1_lattice_only", "val/top1_lattice_only"),
+    ("baseline_ridge_cosine", "val_baseline/ridge_cosine"),
+    ("baseline_kernel_ridge_bleu", "val_baseline/kernel_ridge_bleu"),
+    ("baseline_mean_target_top1", "val_baseline/mean_target_top1"),
+    ("baseline_ridge_lambda", "val_baseline/ridge_lambda"),
+    ("val/cosine", "val/cosine"),
+])
+def test_metric_keys_get_their_mlflow_section_by_rule(key, name):
+    assert mlflow_metric_name(key) == name
+
+
+def test_mlflow_lists_the_sections_that_matter_before_the_constant_baselines():
+    """MLflow orders a run's metric sections alphabetically (checked in MLflow 3.17's UI)."""
+    sections = sorted({mlflow_metric_name(k).split("/")[0] for k in ("loss", "steps_used", "val_cosine",
+                                                                      "baseline_ridge_cosine")})
+    assert sections[-1] == "val_baseline" and sections[-2] == "val"
+
+
+def test_unprefixed_metrics_logged_with_a_validation_are_validation_metrics():
+    named = mlflow_metric_names({"val_cosine": 0.5, "val_cosine_skip_only": 0.4, "lattice_gain": 0.1,
+                                 "plane_difference": 0.2})
+    assert named == {"val/cosine": 0.5, "val/cosine_skip_only": 0.4, "val/lattice_gain": 0.1,
+                     "val/plane_difference": 0.2}
+    assert mlflow_metric_names({"loss": 1.0, "steps_used": 7.0}) == {"train/loss": 1.0, "flow/steps_used": 7.0}
+
+
+def test_validation_plot_draws_every_cosine_and_top1_baseline():
+    figure = validation_figure([(0, 0.1), (50, 0.4)], [(0, 0.0), (50, 0.04)], BASELINES)
+    cosine_axis, top1_axis = figure.axes
+    labels = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in figure.axes]
+    assert labels[0] == ["lattice", "identity baseline", "ridge baseline", "kernel_ridge baseline",
+                         "mean_target baseline"]
+    assert labels[1] == ["lattice", "identity baseline", "ridge baseline", "kernel_ridge baseline"]
+    assert [line.get_ydata()[0] for line in cosine_axis.lines[1:]] == [0.46, 0.59, 0.63, 0.31]
+    assert list(top1_axis.lines[0].get_xdata()) == [0, 50]

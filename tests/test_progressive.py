@@ -148,10 +148,10 @@ def test_a_job_interrupted_after_stage_one_does_not_retrain_it(tmp_path, ray_ins
     assert not rows["scale-24"]["skipped"] and rows["scale-24"]["status"] == "completed"
     stages = stage_runs(client, "resume", summary["parent_run_id"])
     assert sorted(stages) == sorted(STAGES), "no second run for stage 1"
-    loss_steps = [m.step for m in client.get_metric_history(first.info.run_id, "loss")]
+    loss_steps = [m.step for m in client.get_metric_history(first.info.run_id, "train/loss")]
     assert loss_steps == list(range(1, 7)), "stage 1 was not trained again"
     second = stages["scale-24"]
-    assert [m.step for m in client.get_metric_history(second.info.run_id, "loss")] == list(range(1, 7))
+    assert [m.step for m in client.get_metric_history(second.info.run_id, "train/loss")] == list(range(1, 7))
     assert started_from_previous_stage(summary["tracking_uri"], rows["scale-12"]["model_version"], second)
 
 
