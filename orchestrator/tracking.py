@@ -108,7 +108,7 @@ def start_run(uri: str, experiment: str, run_name: str, *, params: dict[str, Any
               parent_run_id: str | None = None) -> str:
     """Create a run (nested under `parent_run_id` if given) with its params and tags; return its id."""
     client = client_for(uri)
-    experiment_id = ensure_experiment(client, experiment)
+    experiment_id = ensure_experiment(client, experiment, artifact_location=default_artifact_location(uri))
     all_tags = {"git_commit": git_commit(), **tags}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
@@ -117,12 +117,22 @@ def start_run(uri: str, experiment: str, run_name: str, *, params: dict[str, Any
     return run.info.run_id
 
 
-def ensure_experiment(client, name: str) -> str:
+def default_artifact_location(uri: str) -> str | None:
+    """For a SQLite store, `mlruns/` beside the database file. MLflow's own default is ./mlruns in
+    the working directory of whichever process creates the experiment; under `ray job submit` that
+    is Ray's temporary copy of the project, so plots and registered checkpoints would vanish with it."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).parent / "mlruns").as_uri()
+
+
+def ensure_experiment(client, name: str, artifact_location: str | None = None) -> str:
     """The id of experiment `name`, created if needed, tagged as a model-training experiment (also
     when it was created before the tag was, so the UI opens its runs view)."""
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        return client.create_experiment(name, artifact_location=artifact_location,
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     if EXPERIMENT_KIND_TAG not in exp.tags:  # an explicit choice someone made in the UI stays
         client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
