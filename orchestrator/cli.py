@@ -97,7 +97,8 @@ def _train_local(cfg, args) -> int:
     _setup_logging(out / "train.log")
     print(f"training {cfg.preset} in this process; every log line goes to {out / 'train.log'}", flush=True)
     ctx = LocalContext(out, resume_from=args.resume, keep=cfg.keep_checkpoints)
-    tracker, run_id, uri = TrackerGroup(FileTracker(out), ConsoleTracker(cfg.max_steps)), None, None
+    console = ConsoleTracker(cfg.max_steps, validates_every=(cfg.val_every, cfg.checkpoint_every))
+    tracker, run_id, uri = TrackerGroup(FileTracker(out), console), None, None
     if not args.no_mlflow:
         uri = resolve_tracking_uri(args.mlflow_uri)
         run_id = start_run(uri, args.experiment, out.name, params=flatten(cfg), tags=run_tags(cfg, 1))

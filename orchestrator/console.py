@@ -46,6 +46,7 @@ class ConsoleTracker(Tracker):
     total_steps: int
     emit: Callable[[str], None] = print
     baselines: dict[str, Any] = field(default_factory=dict)   # flat baseline_* metrics, if known up front
+    validates_every: tuple[int, ...] = ()  # val_every, checkpoint_every: a validation line follows those steps
     progress_every_s: float = PROGRESS_EVERY_S
     clock: Callable[[], float] = time.monotonic
     indent: str = "  "
@@ -62,8 +63,12 @@ class ConsoleTracker(Tracker):
             self._loss = float(metrics["loss"])
         if metrics.get("val_cosine") is not None:
             self._say(now, self._validation_line(metrics, step, now))
-        elif "loss" in metrics and (self._last_line_at is None or now - self._last_line_at >= self.progress_every_s):
+        elif "loss" in metrics and not self._validates_at(step) and (
+                self._last_line_at is None or now - self._last_line_at >= self.progress_every_s):
             self._say(now, f"{self._position(step)}  loss {self._loss:.4f}{self._eta(step, now)}")
+
+    def _validates_at(self, step: int) -> bool:
+        return step >= self.total_steps or any(step % every == 0 for every in self.validates_every)
 
     def _say(self, now: float, line: str) -> None:
         self._last_line_at = now
@@ -101,9 +106,11 @@ class ProgressChannel:
         self.queue = Queue(actor_options={"num_cpus": 0})
         self.emit = emit
 
-    def tracker(self, total_steps: int, baselines: dict[str, Any] | None = None) -> ConsoleTracker:
+    def tracker(self, total_steps: int, baselines: dict[str, Any] | None = None,
+                validates_every: tuple[int, ...] = ()) -> ConsoleTracker:
         """The tracker rank 0 uses (call it in the worker; the queue handle travels with the config)."""
-        return ConsoleTracker(total_steps, emit=self.queue.put, baselines=dict(baselines or {}))
+        return ConsoleTracker(total_steps, emit=self.queue.put, baselines=dict(baselines or {}),
+                              validates_every=validates_every)
 
     def printing(self):
         """A context manager that prints lines from the queue until it exits (and then the rest)."""

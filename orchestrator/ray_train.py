@@ -134,7 +134,9 @@ def _train_worker(config: dict[str, Any]) -> None:
     if ctx.rank == 0:
         tracker = MlflowTracker(run["tracking_uri"], run["mlflow_run_id"])
         if run.get("progress") is not None:
-            console = run["progress"].tracker(config["train"]["max_steps"], data.baselines)
+            train = config["train"]
+            console = run["progress"].tracker(train["max_steps"], data.baselines,
+                                              validates_every=(train["val_every"], train["checkpoint_every"]))
             tracker = TrackerGroup(tracker, console)
     init_state = ray.get(run["init_state"]) if run.get("init_state") is not None else None
     train_loop(config["train"], ctx, tracker, data=data, init_state=init_state)

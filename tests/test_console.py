@@ -47,6 +47,19 @@ def test_one_line_per_validation_with_loss_scores_and_every_baseline():
     assert validation.endswith("ETA 4m10s") and progress.endswith("ETA 4m10s")
 
 
+def test_no_progress_line_where_a_validation_line_follows():
+    console, lines, clock = tracker(total=100, validates_every=(50, 100), progress_every_s=1)
+    for step in range(10, 101, 10):
+        clock.now += 5
+        console.log_metrics({"loss": 0.5}, step=step)
+        if step % 50 == 0:
+            console.log_metrics({"val_cosine": 0.3, "val_top1": 0.1}, step=step)
+    steps = [line.split()[1] for line in lines]
+    assert steps == ["10/100", "20/100", "30/100", "40/100", "50/100", "60/100", "70/100", "80/100", "90/100",
+                     "100/100"]
+    assert [("val cosine" in line) for line in lines] == [False] * 4 + [True] + [False] * 4 + [True]
+
+
 def test_progress_lines_are_spaced_in_time_and_the_last_step_has_no_eta():
     console, lines, clock = tracker(total=100, baselines=dict(BASELINES), progress_every_s=30)
     for step in range(1, 101):
