@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -37,12 +36,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _setup_logging(log_file: Path | None = None) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        handlers=handlers, force=True)
+    from .console import setup_logging
+    setup_logging(log_file)
 
 
 def _write_json(path: str | Path, obj: dict[str, Any]) -> None:
@@ -78,26 +73,32 @@ def _print_summary(summary: dict[str, Any], title: str) -> None:
     print(f"  {'baseline_ridge_top1':26s} {_fmt(summary.get('baseline_ridge_top1'))}")
 
 
-def _print_mlflow(summary: dict[str, Any]) -> None:
+def _print_mlflow(summary: dict[str, Any], experiment: str) -> None:
     if summary.get("mlflow_run_id"):
         print(f"\n  MLflow run   {summary['mlflow_run_id']}   registered energy-lattice version "
               f"{summary.get('model_version')}")
-        from .tracking import browse_command
-        print(f"  browse       {browse_command(summary['tracking_uri'])}")
+        from .tracking import browse_lines, experiment_id
+        browse = browse_lines(summary["tracking_uri"], experiment_id(summary["tracking_uri"], experiment))
+        print(f"  browse       {browse[0]}")
+        for line in browse[1:]:
+            print(f"               {line}")
 
 
 def _train_local(cfg, args) -> int:
     from model.config import flatten
 
     from .config import run_tags
+    from .console import ConsoleTracker
     from .context import FileTracker, LocalContext, TrackerGroup
     from .tracking import MlflowTracker, finish_run, resolve_tracking_uri, start_run
     from .train import train_loop
 
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     _setup_logging(out / "train.log")
+    print(f"training {cfg.preset} in this process; every log line goes to {out / 'train.log'}", flush=True)
     ctx = LocalContext(out, resume_from=args.resume, keep=cfg.keep_checkpoints)
-    tracker, run_id, uri = FileTracker(out), None, None
+    console = ConsoleTracker(cfg.max_steps, validates_every=(cfg.val_every, cfg.checkpoint_every))
+    tracker, run_id, uri = TrackerGroup(FileTracker(out), console), None, None
     if not args.no_mlflow:
         uri = resolve_tracking_uri(args.mlflow_uri)
         run_id = start_run(uri, args.experiment, out.name, params=flatten(cfg), tags=run_tags(cfg, 1))
@@ -116,7 +117,7 @@ def _train_local(cfg, args) -> int:
     print(f"  summary      {args.summary_json or out / 'summary.json'}")
     print(f"  metrics      {out / 'metrics.jsonl'}   decoded examples {out / 'decoded'}   plots {out / 'plots'}")
     print(f"  log          {out / 'train.log'}")
-    _print_mlflow(summary)
+    _print_mlflow(summary, args.experiment)
     return 0 if summary["status"] == "completed" else 1
 
 
@@ -135,19 +136,22 @@ def _train_ray(cfg, args) -> int:
     print(f"  Ray run      {summary.get('ray_run_path')}")
     if args.summary_json:
         print(f"  summary      {args.summary_json}")
-    _print_mlflow(summary)
+    _print_mlflow(summary, args.experiment)
     if summary.get("error"):
         print(f"  error        {summary['error']}")
     return 0 if summary["status"] == "completed" else 1
 
 
 def cmd_train(args) -> int:
+    from .tracking import resolve_tracking_uri
     cfg = _train_config(args)  # validate before anything slow starts
     if args.workers < 1:
         raise UserError(f"--workers={args.workers} must be at least 1")
     if not args.local:
         from .ray_train import check_gpu_share
         check_gpu_share(args.workers, args.gpus_per_worker)
+    if not args.no_mlflow:
+        resolve_tracking_uri(args.mlflow_uri)
     return _train_local(cfg, args) if args.local else _train_ray(cfg, args)
 
 
@@ -173,10 +177,16 @@ def cmd_load(args) -> int:
 
 def cmd_tune(args) -> int:
     from .config import make_config, parse_sets
-    from .tune import Sweep, load_space, run_sweep
-    load_space(args.space)  # refuse bad files and values before Ray starts
+    from .console import tool_command
+    from .tracking import browse_lines, experiment_id, resolve_tracking_uri
+    from .tune import Sweep, asha_limits, load_space, run_sweep
+    space = load_space(args.space)  # refuse bad files and values before Ray starts
     sets = parse_sets(args.set or [])
-    make_config(args.preset, sets)
+    steps = {} if args.max_steps is None else {"max_steps": args.max_steps}
+    base = make_config(args.preset, {**sets, **steps})
+    if args.scheduler == "asha":
+        asha_limits(base, space)
+    resolve_tracking_uri(args.mlflow_uri)
     _setup_logging()
     summary = run_sweep(Sweep(
         spaces=args.space, preset=args.preset, sets=sets, num_samples=args.num_samples, max_steps=args.max_steps,
@@ -197,8 +207,10 @@ def cmd_tune(args) -> int:
         print(f"  {t['trial_id']:22s} {t['status']:11s} {_fmt(t['val_cosine']):>8s} {str(t['model_version']):>7s}  "
               f"{params}" + (f"  ({t['reason']})" if t.get("reason") else ""))
     print(f"\n  wall time {summary['wall_time_s']:.0f} s, trials' own time {summary['trial_train_time_s']:.0f} s")
-    print(f"  MLflow parent run {summary['parent_run_id']}; compare with: python -m orchestrator compare "
-          f"--experiment {args.experiment}")
+    print(f"  MLflow parent run {summary['parent_run_id']}; compare with: {tool_command('python')} -m orchestrator "
+          f"compare --experiment {args.experiment}")
+    for line in browse_lines(summary["tracking_uri"], experiment_id(summary["tracking_uri"], args.experiment)):
+        print(f"  {line}")
     return 0
 
 

@@ -161,6 +161,15 @@ class FileTracker(Tracker):
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, dest)
 
+    def finish(self, status, summary):
+        from .plots import validation_plot
+        rows = read_metrics(self.metrics_file) if self.metrics_file.exists() else []
+        baselines = {k: v for row in rows for k, v in row.items() if k.startswith("baseline_")}
+        (self.out_dir / "plots").mkdir(exist_ok=True)
+        validation_plot([(r["step"], r["val_cosine"]) for r in rows if r.get("val_cosine") is not None],
+                        [(r["step"], r["val_top1"]) for r in rows if r.get("val_top1") is not None],
+                        baselines, self.out_dir / "plots" / "validation_vs_baselines.png")
+
 
 class TrackerGroup(Tracker):
     """Sends everything to several trackers (e.g. the run folder and MLflow)."""

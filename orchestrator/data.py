@@ -352,8 +352,37 @@ def _read_table(path: Path) -> pa.Table:
             types = {c: pa.string() for c in TEXT_COLUMNS}
             return pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(column_types=types))
     except (pa.ArrowException, OSError) as e:
-        raise DatasetError(f"{path}: cannot read {suffix[1:]} file: {str(e).splitlines()[0]}") from e
+        where = _jsonl_problem(path) if suffix == ".jsonl" and isinstance(e, pa.ArrowException) else None
+        raise DatasetError(f"{path}: {where or f'cannot read {suffix[1:]} file: ' + str(e).splitlines()[0]}") from e
     raise DatasetError(f"{path}: unknown file extension {suffix!r}; use .parquet, .jsonl or .csv")
+
+
+_JSON_TYPE_NAMES = {str: "string", bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}
+
+
+def _jsonl_problem(path: Path) -> str | None:
+    """The first bad line of a JSONL file, numbered as an editor numbers it (pyarrow counts rows from
+    0 and skips blank lines, so its "row 1" is the second record, wherever that is in the file)."""
+    import json
+    first_type: dict[str, tuple[str, int]] = {}
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                return f"line {number} is not valid JSON ({e.msg} at column {e.colno})"
+            if not isinstance(record, dict):
+                return f"line {number} is not a JSON object"
+            for key, value in record.items():
+                if value is None:
+                    continue
+                kind = _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+                seen = first_type.setdefault(key, (kind, number))
+                if seen[0] != kind:
+                    return f"line {number}: {key!r} is a {kind}, but a {seen[0]} on line {seen[1]}"
+    return None
 
 
 def _text_column(table: pa.Table, name: str, path: Path) -> list[str]:

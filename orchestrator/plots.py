@@ -1,5 +1,6 @@
 """Plots logged with every run: the two output surfaces of a validation sample, a few of its flow
-paths projected on x-z, its completion-vs-step curve, and the training loss curve."""
+paths projected on x-z, its completion-vs-step curve, the training loss curve, and validation
+cosine and top-1 over steps against the baselines."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -69,6 +70,31 @@ def make_plots(model: EnergyLattice, sample_embedding: torch.Tensor, losses: lis
     ax.set(xlabel="step", ylabel="training loss (1 - cosine)", title="loss")
     paths.append(_save(fig, out_dir / "loss_curve.png"))
     return paths
+
+
+def validation_plot(cosine: list[tuple[int, float]], top1: list[tuple[int, float]], baselines: dict[str, float],
+                    path: str | Path) -> Path:
+    """Write validation_figure(...) to `path`."""
+    return _save(validation_figure(cosine, top1, baselines), Path(path))
+
+
+def validation_figure(cosine: list[tuple[int, float]], top1: list[tuple[int, float]], baselines: dict[str, float]):
+    """Validation cosine and top-1 against the training step, each next to a horizontal line per
+    baseline: every `baseline_<name>_cosine` / `baseline_<name>_top1` in `baselines` is drawn."""
+    from .console import baseline_scores
+    scores = baseline_scores(baselines)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    colours = plt.get_cmap("tab10")
+    for ax, curve, score in ((axes[0], cosine, "cosine"), (axes[1], top1, "top1")):
+        if curve:
+            ax.plot([s for s, _ in curve], [v for _, v in curve], marker="o", color="black", label="lattice")
+        for i, (name, values) in enumerate(scores.items()):
+            if score in values:
+                ax.axhline(values[score], linestyle="--", color=colours(i % 10), label=f"{name} baseline")
+        ax.set(xlabel="step", ylabel=f"validation {score}", title=f"validation {score} vs baselines")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
+    return fig
 
 
 def parallel_coordinates(trials: list[dict], params: list[str], path: str | Path,

@@ -23,13 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model import PRESETS
+from model import PRESETS, EnergyLattice
 from model.transfer import transfer
 
-from .config import make_config, parse_sets
-from .ray_train import Launch, alive_node_count, check_gpu_share, connect, run_ray_train, worker_memory_budget
-from .tracking import (REGISTERED_MODEL, browse_command, check_tracking_uri, child_runs, client_for,
-                       end_run, load_registered_model, resolve_tracking_uri, start_run)
+from .config import TrainConfig, make_config, parse_sets
+from .console import tool_command
+from .ray_train import (Launch, alive_node_count, check_gpu_share, connect, ray_logs_dir, run_ray_train,
+                        worker_memory_budget)
+from .tracking import (REGISTERED_MODEL, browse_lines, check_tracking_uri, child_runs, client_for, end_run,
+                       experiment_id, load_registered_model, resolve_tracking_uri, run_metric, start_run)
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +57,26 @@ class ScalingJob:
     # configured lr times this (on the CPU ladder, 1.0 first lost 0.02 cosine to the new optimizer
     # state and recovered more slowly than 0.3).
     carried_lr_scale: float = 0.3
+    fresh_start_incompatible: bool = False  # a stage that cannot take the previous weights starts from random ones
 
     def __post_init__(self):
         check_gpu_share(self.workers, self.gpus_per_worker)
+
+
+class IncompatibleStagesError(ValueError):
+    """A stage whose model cannot start from the previous stage's weights."""
+
+
+def incompatible_stages(configs: dict[str, TrainConfig], stages: list[str]) -> dict[str, str]:
+    """{stage: why it cannot start from the previous stage's weights}, found by carrying untrained
+    weights over exactly as the job will carry trained ones, so nothing trains before a refusal."""
+    problems = {}
+    for previous, stage in zip(stages, stages[1:]):
+        try:
+            transfer(EnergyLattice(configs[previous].model.resolved()), configs[stage].model.resolved())
+        except ValueError as e:
+            problems[stage] = f"{previous} -> {stage}: {e}"
+    return problems
 
 
 def _find_or_start_parent(uri: str, job: ScalingJob) -> tuple[str, bool]:
@@ -77,12 +96,12 @@ def _find_or_start_parent(uri: str, job: ScalingJob) -> tuple[str, bool]:
 
 
 def _row(preset: str, run, *, skipped: bool, checkpoint: str | None = None) -> dict[str, Any]:
-    m, t = run.data.metrics, run.data.tags
+    t = run.data.tags
     return {"preset": preset, "lattice": t.get("lattice"), "steps": int(float(run.data.params.get("max_steps", 0))),
-            "batch": int(float(run.data.params.get("batch_size", 0))), "val_cosine": m.get("val_cosine"),
-            "val_top1": m.get("val_top1"), "val_cosine_lattice_only": m.get("val_cosine_lattice_only"),
-            "lattice_gain": m.get("lattice_gain"),
-            **{f"baseline_{name}_{metric}": m.get(f"baseline_{name}_{metric}")
+            "batch": int(float(run.data.params.get("batch_size", 0))),
+            **{key: run_metric(run, key) for key in ("val_cosine", "val_top1", "val_cosine_lattice_only",
+                                                      "lattice_gain")},
+            **{f"baseline_{name}_{metric}": run_metric(run, f"baseline_{name}_{metric}")
                for name in ("identity", "ridge", "kernel_ridge") for metric in ("cosine", "top1")},
             "model_version": t.get("model_version"),
             "mlflow_run_id": run.info.run_id, "status": t.get("status"), "skipped": skipped,
@@ -101,12 +120,19 @@ def run_job(job: ScalingJob) -> dict[str, Any]:
                          f"got {len(job.steps_per_stage)}")
     steps = job.steps_per_stage * len(job.stages) if len(job.steps_per_stage) == 1 else job.steps_per_stage
     configs = {p: make_config(p, {**job.sets, "max_steps": n}) for p, n in zip(job.stages, steps)}  # validate all
+    incompatible = incompatible_stages(configs, job.stages)
+    if incompatible and not job.fresh_start_incompatible:
+        raise IncompatibleStagesError(
+            f"stage {next(iter(incompatible.values()))}; pick stages that agree on these sizes, or pass "
+            f"--fresh-start-incompatible to train such a stage from random weights")
+    uri = resolve_tracking_uri(job.tracking_uri)
 
     connect(job.address)
-    uri = resolve_tracking_uri(job.tracking_uri)
     check_tracking_uri(uri, alive_node_count())
     parent_id, resumed = _find_or_start_parent(uri, job)
-    log.info("%s job %s (MLflow parent run %s)", "resuming" if resumed else "starting", ",".join(job.stages), parent_id)
+    print(f"{'resuming' if resumed else 'starting'} progressive scaling {' -> '.join(job.stages)}, "
+          f"{job.steps_per_stage} steps per stage (MLflow experiment {job.experiment}, parent run {parent_id})",
+          flush=True)
     done = child_runs(uri, job.experiment, parent_id, "stage")
     client = client_for(uri)
 
@@ -114,7 +140,8 @@ def run_job(job: ScalingJob) -> dict[str, Any]:
     for index, preset in enumerate(job.stages):
         run = done.get(preset)
         if run is not None and run.data.tags.get("status") == "completed" and run.data.tags.get("model_version"):
-            log.info("stage %s finished earlier (version %s); skipping it", preset, run.data.tags["model_version"])
+            print(f"stage {index + 1}/{len(job.stages)} {preset}: finished earlier (energy-lattice version "
+                  f"{run.data.tags['model_version']}); skipping it", flush=True)
             rows.append(_row(preset, run, skipped=True))
             previous_version = run.data.tags["model_version"]
             continue
@@ -127,7 +154,9 @@ def run_job(job: ScalingJob) -> dict[str, Any]:
                                max_batch=cfg.batch_size).batch
         cfg = dataclasses.replace(cfg, batch_size=batch)
         init_state, init_from = None, "random"
-        if previous_version is not None:
+        if preset in incompatible:
+            init_from = "random (cannot carry weights over)"
+        elif previous_version is not None:
             init_from = f"models:/{REGISTERED_MODEL}/{previous_version}"
             source = load_registered_model(init_from, uri)
             init_state = transfer(source, cfg.model.resolved()).state_dict()
@@ -139,7 +168,9 @@ def run_job(job: ScalingJob) -> dict[str, Any]:
                         model_alias=f"stage-{preset}", mlflow_run_id=run.info.run_id if run else None,
                         run_tags={"stage": preset, "stage_index": str(index), "init_from": init_from,
                                   "batch_from": "--batch" if job.batch else "planner"})
-        log.info("stage %s: batch %d, starting from %s", preset, batch, init_from)
+        m = cfg.model
+        print(f"\nstage {index + 1}/{len(job.stages)} {preset}: lattice {m.width}x{m.height}x{m.depth}, batch {batch}, "
+              f"{cfg.max_steps} steps, from {init_from}", flush=True)
         summary = run_ray_train(cfg, launch, init_state=init_state)
         rows.append(_row(preset, client.get_run(summary["mlflow_run_id"]), skipped=False,
                          checkpoint=summary.get("checkpoint")))
@@ -176,18 +207,21 @@ def print_table(summary: dict[str, Any]) -> None:
               "  baselines on the same rows (cosine / top-1): " + ", ".join(
                   f"{name.replace('_', ' ')} {fmt(last[f'baseline_{name}_cosine'], 4)} / "
                   f"{fmt(last[f'baseline_{name}_top1'], 3)}" for name in ("identity", "ridge", "kernel_ridge")))
-    print(f"\n  browse the runs:  {browse_command(summary['tracking_uri'])}")
+    browse = browse_lines(summary["tracking_uri"], experiment_id(summary["tracking_uri"], summary["experiment"]))
+    print(f"\n  browse the runs:  {browse[0]}")
+    for line in browse[1:]:
+        print(f"                    {line}")
     versions = [r for r in summary["stages"] if r["model_version"]]
     if versions:
         last = versions[-1]
         print(f"  checkpoints:      registered in MLflow, e.g.  "
-              f"python -m orchestrator load models:/{REGISTERED_MODEL}@stage-{last['preset']}")
+              f"{tool_command('python')} -m orchestrator load models:/{REGISTERED_MODEL}@stage-{last['preset']}")
     for r in summary["stages"]:
         if r.get("checkpoint"):
             print(f"                    {r['preset']}, Ray Train's copy: {r['checkpoint']}")
     if summary.get("summary_json"):
         print(f"  summary:          {summary['summary_json']}")
-    print("  logs:             this output; Ray's worker logs under /tmp/ray/session_latest/logs")
+    print(f"  logs:             this output; Ray's own (its workers' output included) under {ray_logs_dir()}")
 
 
 def build_parser():
@@ -210,6 +244,9 @@ def build_parser():
     p.add_argument("--max-failures", type=int, default=2)
     p.add_argument("--carried-lr-scale", type=float, default=ScalingJob.carried_lr_scale,
                    help="a stage starting from the previous stage's weights trains at lr times this")
+    p.add_argument("--fresh-start-incompatible", action="store_true",
+                   help="train a stage whose model cannot take the previous stage's weights (another carrier "
+                        "size, say) from random weights, instead of refusing the job before it starts")
     p.add_argument("--summary-json", help="write the job summary here")
     return p
 
@@ -229,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                          cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
                          batch=args.batch, sets=parse_sets(args.set or []), experiment=args.experiment,
                          storage=args.storage, tracking_uri=args.mlflow_uri, address=args.address,
-                         max_failures=args.max_failures, carried_lr_scale=args.carried_lr_scale)
+                         max_failures=args.max_failures, carried_lr_scale=args.carried_lr_scale,
+                         fresh_start_incompatible=args.fresh_start_incompatible)
         if not 0 < job.carried_lr_scale <= 10:
             raise UserError(f"--carried-lr-scale={job.carried_lr_scale} is out of range; allowed range (0, 10]")
         if job.workers < 1 or min(job.steps_per_stage) < 1 or (job.batch is not None and job.batch < 1):

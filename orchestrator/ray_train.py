@@ -22,7 +22,8 @@ import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, flatten, resolved, run_tags
-from .context import RunContext, choose_device
+from .console import ProgressChannel
+from .context import RunContext, TrackerGroup, choose_device
 from .data import PairDataset
 from .tracking import (MlflowTracker, check_tracking_uri, finish_run, read_summary, resolve_tracking_uri,
                        start_run)
@@ -34,15 +35,26 @@ log = logging.getLogger(__name__)
 def connect(address: str | None = None, **init_kwargs: Any) -> None:
     """Join the cluster at `address` / RAY_ADDRESS (as `ray job submit` sets it), else start an
     embedded local Ray whose dashboard listens on 127.0.0.1 only. Token auth is left as Ray sets
-    it: on by default for a new local instance, and whatever the cluster uses when joining one."""
+    it: on by default for a new local instance, and whatever the cluster uses when joining one.
+
+    What Ray's workers print (Ray Train's report lines, library warnings, their own logs) stays in
+    Ray's log files instead of the console; the console gets orchestrator.console's lines."""
     import ray
     if ray.is_initialized():
         return
+    init_kwargs.setdefault("log_to_driver", False)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **init_kwargs)
     else:
         ray.init(dashboard_host="127.0.0.1", **init_kwargs)
+
+
+def ray_logs_dir() -> str:
+    """Where this Ray session keeps its processes' logs (session_latest may be another user's session)."""
+    import ray._private.worker
+    node = getattr(ray._private.worker, "_global_node", None)
+    return node.get_logs_dir_path() if node is not None else "/tmp/ray/session_latest/logs"
 
 
 def alive_node_count() -> int:
@@ -126,8 +138,18 @@ def _train_worker(config: dict[str, Any]) -> None:
     import ray
     run = config["run"]
     ctx = RayTrainContext(run["fault_dir"])
-    tracker = MlflowTracker(run["tracking_uri"], run["mlflow_run_id"]) if ctx.rank == 0 else None
     data = ray.get(run["data_shards"][ctx.rank])  # this worker's rows only, from the object store
+    # Arrays from the object store are read-only views; torch.from_numpy on them warns on every
+    # worker. The shard is small, so the worker takes its own writable copy.
+    data = dataclasses.replace(data, train=data.train.take(range(len(data.train))))
+    tracker = None
+    if ctx.rank == 0:
+        tracker = MlflowTracker(run["tracking_uri"], run["mlflow_run_id"])
+        if run.get("progress") is not None:
+            train = config["train"]
+            console = run["progress"].tracker(train["max_steps"], data.baselines,
+                                              validates_every=(train["val_every"], train["checkpoint_every"]))
+            tracker = TrackerGroup(tracker, console)
     init_state = ray.get(run["init_state"]) if run.get("init_state") is not None else None
     train_loop(config["train"], ctx, tracker, data=data, init_state=init_state)
 
@@ -200,8 +222,10 @@ def storage_path(storage: str | None) -> str:
 
 
 def build_trainer(cfg: TrainConfig, launch: Launch, data: PairDataset, *, tracking_uri: str, mlflow_run_id: str,
-                  run_name: str, callbacks: list | None = None, init_state: dict | None = None):
-    """The TorchTrainer that runs `train_loop` on `launch.workers` workers and logs into the run."""
+                  run_name: str, callbacks: list | None = None, init_state: dict | None = None,
+                  progress: ProgressChannel | None = None):
+    """The TorchTrainer that runs `train_loop` on `launch.workers` workers and logs into the run
+    (and, given a ProgressChannel, sends the console's progress lines through it)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -214,12 +238,13 @@ def build_trainer(cfg: TrainConfig, launch: Launch, data: PairDataset, *, tracki
                            "run": {"tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
                                    "data_shards": put_shards(data, cfg, launch.workers),
                                    "init_state": ray.put(init_state) if init_state is not None else None,
+                                   "progress": progress,
                                    "fault_dir": str(Path(storage) / run_name) if "://" not in storage else None}},
         scaling_config=ScalingConfig(num_workers=launch.workers, use_gpu=launch.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=run_name, storage_path=storage, callbacks=callbacks,
-            # Ray Train logs every report at INFO; our own log and MLflow already say what happened.
+            # Ray Train logs every report at INFO; the console, our log and MLflow already say what happened.
             logging_config=LoggingConfig(log_level="WARNING"),
             failure_config=FailureConfig(max_failures=launch.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
@@ -251,13 +276,17 @@ def run_ray_train(cfg: TrainConfig, launch: Launch, init_state: dict | None = No
                                                parent_run_id=launch.parent_run_id)
     log.info("MLflow run %s in experiment %r at %s", run_id, launch.experiment, uri)
 
+    progress = ProgressChannel()
     trainer = build_trainer(cfg, launch, load_data(cfg), tracking_uri=uri, mlflow_run_id=run_id, run_name=run_name,
-                            init_state=init_state)
+                            init_state=init_state, progress=progress)
     try:
-        result, error = trainer.fit(), None
+        with progress.printing():
+            result, error = trainer.fit(), None
     except Exception as e:  # Ray raises once max_failures restarts are used up
         result, error = None, e
         log.error("training failed: %s", e)
+    finally:
+        progress.close()
     final = read_summary(uri, run_id) or {}
     status = "failed" if error else final.get("status", "failed")
 

@@ -25,6 +25,15 @@ log = logging.getLogger(__name__)
 
 REGISTERED_MODEL = "energy-lattice"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# The tracking stores MLflow can open (a plain folder path works too; SQL schemes may name a driver,
+# as in postgresql+psycopg2://).
+TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
+# MLflow 3 has a GenAI view (traces) and a model-training view (runs) of every experiment. The tag
+# records which one an experiment is for; the links this project prints also ask for the runs view
+# in the URL, which MLflow 3.17's UI follows even in a browser that has never opened it.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+MLFLOW_UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 
 
 class TrackingConfigError(ValueError):
@@ -33,8 +42,14 @@ class TrackingConfigError(ValueError):
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """Flag, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; local paths made absolute so that
-    workers with another working directory write to the same store."""
+    workers with another working directory write to the same store. A scheme MLflow cannot store
+    runs in is refused here, before anything slow starts."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    scheme = uri.partition("://")[0].split("+")[0].lower() if "://" in uri else ""
+    if scheme and scheme not in TRACKING_SCHEMES:
+        source = "" if uri != os.environ.get("MLFLOW_TRACKING_URI") else " (from MLFLOW_TRACKING_URI)"
+        raise TrackingConfigError(f"MLflow tracking URI {uri}{source} has an unsupported scheme {scheme!r}; use "
+                                  f"{', '.join(s + '://' for s in TRACKING_SCHEMES)} or a folder path")
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
     if "://" not in uri:  # a plain folder is MLflow's file store
@@ -46,9 +61,25 @@ def is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
 
-def browse_command(uri: str) -> str:
-    """What to run (a local store) or open (a server) to see this store's runs in the MLflow UI."""
-    return f"mlflow ui --backend-store-uri {uri}" if is_local_store(uri) else uri
+def runs_view_url(base_url: str, experiment_id: str) -> str:
+    """The MLflow UI page listing an experiment's runs, in the view for model training (not GenAI)."""
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def browse_lines(uri: str, experiment_id: str | None = None) -> list[str]:
+    """How to see this store's runs in the MLflow UI: the command that serves a local store, then the
+    page to open (the experiment's runs view when the experiment is known)."""
+    from .console import tool_command
+    base = MLFLOW_UI_URL if is_local_store(uri) else uri
+    page = runs_view_url(base, experiment_id) if experiment_id else base
+    if not is_local_store(uri):
+        return [page]
+    return [f"{tool_command('mlflow')} ui --backend-store-uri {uri}", f"then open {page}"]
+
+
+def experiment_id(uri: str, name: str) -> str | None:
+    exp = client_for(uri).get_experiment_by_name(name)
+    return exp.experiment_id if exp else None
 
 
 def check_tracking_uri(uri: str, node_count: int) -> None:
@@ -77,14 +108,34 @@ def start_run(uri: str, experiment: str, run_name: str, *, params: dict[str, Any
               parent_run_id: str | None = None) -> str:
     """Create a run (nested under `parent_run_id` if given) with its params and tags; return its id."""
     client = client_for(uri)
-    exp = client.get_experiment_by_name(experiment)
-    experiment_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    experiment_id = ensure_experiment(client, experiment, artifact_location=default_artifact_location(uri))
     all_tags = {"git_commit": git_commit(), **tags}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
     log_params(client, run.info.run_id, params)
     return run.info.run_id
+
+
+def default_artifact_location(uri: str) -> str | None:
+    """For a SQLite store, `mlruns/` beside the database file. MLflow's own default is ./mlruns in
+    the working directory of whichever process creates the experiment; under `ray job submit` that
+    is Ray's temporary copy of the project, so plots and registered checkpoints would vanish with it."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).parent / "mlruns").as_uri()
+
+
+def ensure_experiment(client, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment `name`, created if needed, tagged as a model-training experiment (also
+    when it was created before the tag was, so the UI opens its runs view)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, artifact_location=artifact_location,
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    if EXPERIMENT_KIND_TAG not in exp.tags:  # an explicit choice someone made in the UI stays
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def child_runs(uri: str, experiment: str, parent_run_id: str, key_tag: str) -> dict[str, Any]:
@@ -107,6 +158,55 @@ def end_run(uri: str, run_id: str, status: str) -> None:
     """Close a run, mapping our statuses onto MLflow's run states."""
     state = {"completed": "FINISHED", "stopped": "FINISHED", "infeasible": "KILLED"}.get(status, "FAILED")
     client_for(uri).set_terminated(run_id, state)
+
+
+# MLflow's run page groups metrics into sections by the part of the name before "/": sections in
+# alphabetical order, then ungrouped metrics; `system/` metrics go to the System metrics tab. The
+# baselines are constants (one bar chart each), so their section is named to sort after `val`.
+# The training loop, Ray reports, summaries and metrics.jsonl keep flat keys (`val_cosine`); only
+# what MLflow stores gets the sectioned name (`val/cosine`).
+PREFIX_SECTIONS = {"val_": "val", "baseline_": "val_baseline", "train_": "train", "flow_": "flow",
+                   "system_": "system"}
+FLOW_WORDS = ("steps_used", "completion", "spawned")                      # how the flows behaved
+SYSTEM_WORDS = ("samples_per_s", "step_time", "mem_gb", "parameters")     # what the run costs
+# Measured at a validation but named without `val_`, as they read in summaries and the scaling table.
+VALIDATION_KEYS = ("lattice_gain", "plane_difference", "plane_balance")
+
+
+def mlflow_metric_name(key: str, *, with_validation: bool = False) -> str:
+    """The MLflow name of a flat metric key, by rule:
+
+    - a known prefix becomes a section: `val_cosine` -> `val/cosine`, `baseline_ridge_top1` ->
+      `val_baseline/ridge_top1`, `val_cosine_skip_only` -> `val/cosine_skip_only`;
+    - an unprefixed key logged together with validation metrics was measured at that validation:
+      `lattice_gain` -> `val/lattice_gain`, `plane_difference` -> `val/plane_difference`;
+    - otherwise flow statistics go to `flow/`, throughput, memory and size to `system/`, and the
+      rest (loss, lr, grad_norm) to `train/`.
+    A name that already has a section is kept.
+    """
+    if "/" in key:
+        return key
+    for prefix, section in PREFIX_SECTIONS.items():
+        if key.startswith(prefix):
+            return f"{section}/{key[len(prefix):]}"
+    if with_validation or key in VALIDATION_KEYS:
+        return f"val/{key}"
+    if any(word in key for word in FLOW_WORDS):
+        return f"flow/{key}"
+    if any(word in key for word in SYSTEM_WORDS):
+        return f"system/{key}"
+    return f"train/{key}"
+
+
+def mlflow_metric_names(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A batch of flat metrics under their MLflow names (see mlflow_metric_name)."""
+    with_validation = any(k.startswith("val_") for k in metrics)
+    return {mlflow_metric_name(k, with_validation=with_validation): v for k, v in metrics.items()}
+
+
+def run_metric(run, key: str) -> float | None:
+    """A flat metric's latest value in an MLflow run."""
+    return run.data.metrics.get(mlflow_metric_name(key))
 
 
 class MlflowTracker(Tracker):
@@ -139,7 +239,7 @@ class MlflowTracker(Tracker):
 
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
-        fresh = [Metric(k, float(v), now, step) for k, v in metrics.items()
+        fresh = [Metric(k, float(v), now, step) for k, v in mlflow_metric_names(metrics).items()
                  if v is not None and step > self._last_logged.get(k, -1)]
         if fresh:
             self.client.log_batch(self.run_id, metrics=fresh)
@@ -161,6 +261,23 @@ class MlflowTracker(Tracker):
         # The launcher reads the summary back from here: it may run on another node than rank 0.
         self.client.log_dict(self.run_id, summary, "summary.json")
         self.client.set_tag(self.run_id, "status", status)
+        self._log_validation_plot()
+
+    def _log_validation_plot(self) -> None:
+        """Validation cosine and top-1 over steps against the baselines, read back from the run so
+        that steps logged before a worker restart are in it too."""
+        from .plots import validation_plot
+
+        def history(key):
+            return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, mlflow_metric_name(key))]
+
+        logged = self.client.get_run(self.run_id).data.metrics
+        section = PREFIX_SECTIONS["baseline_"] + "/"
+        baselines = {"baseline_" + k[len(section):]: v for k, v in logged.items() if k.startswith(section)}
+        with tempfile.TemporaryDirectory() as tmp:
+            path = validation_plot(history("val_cosine"), history("val_top1"), baselines,
+                                   Path(tmp) / "validation_vs_baselines.png")
+            self.client.log_artifact(self.run_id, str(path), "plots")
 
 
 def read_summary(uri: str, run_id: str) -> dict[str, Any] | None:
@@ -198,7 +315,7 @@ def register_checkpoint(uri: str, run_id: str, checkpoint_dir: str | Path, *, ta
     if alias:
         client.set_registered_model_alias(REGISTERED_MODEL, alias, version.version)
     client.set_tag(run_id, "model_version", version.version)
-    log.info("registered %s version %s from run %s", REGISTERED_MODEL, version.version, run_id)
+    log.debug("registered %s version %s from run %s", REGISTERED_MODEL, version.version, run_id)  # callers print it
     return str(version.version)
 
 
@@ -239,7 +356,8 @@ def load_registered_model(model_uri: str, tracking_uri: str | None = None):
     return load_model(path)
 
 
-COMPARE_METRICS = ("val_cosine", "val_top1", "val_bleu", "baseline_ridge_cosine", "baseline_identity_cosine")
+COMPARE_METRICS = tuple(mlflow_metric_name(k) for k in ("val_cosine", "val_top1", "val_bleu", "baseline_ridge_cosine",
+                                                          "baseline_identity_cosine"))
 
 
 def compare_runs(experiment: str, tracking_uri: str | None = None, top: int = 10) -> str:
@@ -250,14 +368,15 @@ def compare_runs(experiment: str, tracking_uri: str | None = None, top: int = 10
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise TrackingConfigError(f"no MLflow experiment named {experiment!r} at {uri}")
-    runs = [r for r in client.search_runs([exp.experiment_id], order_by=["metrics.val_cosine DESC"],
+    val_cosine = mlflow_metric_name("val_cosine")
+    runs = [r for r in client.search_runs([exp.experiment_id], order_by=[f"metrics.`{val_cosine}` DESC"],
                                           max_results=max(top * 3, 50))
-            if r.data.tags.get("kind") != "sweep" and "val_cosine" in r.data.metrics][:top]
+            if r.data.tags.get("kind") != "sweep" and val_cosine in r.data.metrics][:top]
     if not runs:
         return f"experiment {experiment!r} has no runs with a validation cosine yet"
     keys = sorted({k for r in runs for k in r.data.params})
     differing = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1 and k != "data_path"]
-    header = ["run", "status", "lattice"] + [m.replace("baseline_", "b_") for m in COMPARE_METRICS]
+    header = ["run", "status", "lattice"] + list(COMPARE_METRICS)
     rows = []
     for r in runs:
         metrics = [f"{r.data.metrics[m]:.4f}" if m in r.data.metrics else "-" for m in COMPARE_METRICS]

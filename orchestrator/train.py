@@ -40,7 +40,7 @@ from .data import PairDataset, Split, ensure_corpus, load_dataset, shard, valida
 from .evaluation import Decoded, baselines, evaluate, example_rows, finish_metrics, text_metrics
 from .planner import keep_freed_memory, use_expandable_segments
 from .plots import make_plots
-from .tracking import log_config
+from .tracking import VALIDATION_KEYS, log_config
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,6 @@ SUMMARY_KEYS = ("status", "steps", "val_cosine", "val_top1", "val_bleu", "lattic
                 "baseline_identity_cosine", "baseline_ridge_cosine", "baseline_kernel_ridge_cosine",
                 "baseline_kernel_ridge_top1", "baseline_kernel_ridge_bleu", "mean_steps_used", "completion",
                 "checkpoint")
-# Validation metrics reported under their own names rather than as val_<name>.
-UNPREFIXED_METRICS = ("lattice_gain", "plane_difference", "plane_balance")
 
 
 class LRSchedule:
@@ -235,7 +233,7 @@ def _validate(model: EnergyLattice, val: Split, cfg: TrainConfig, ctx: RunContex
     texts = texts_in_row_order(2)
     merged.update(text_metrics(texts, val))
     merged["top1_lattice_only"] = text_metrics(texts_in_row_order(3), val)["top1"]
-    return {(k if k in UNPREFIXED_METRICS else f"val_{k}"): v for k, v in merged.items()}, texts
+    return {(k if k in VALIDATION_KEYS else f"val_{k}"): v for k, v in merged.items()}, texts
 
 
 def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = None,

@@ -192,13 +192,12 @@ def _trial_run_id(sweep: dict[str, Any], trial_id: str, cfg: TrainConfig, sample
                      parent_run_id=sweep["parent_run_id"])
 
 
-def run_trial(config: dict[str, Any], data: PairDataset) -> None:
-    """The function every Tune trial runs; `data` comes through the object store."""
+def run_trial(config: dict[str, Any], data: PairDataset, sweep: dict[str, Any]) -> None:
+    """The function every Tune trial runs; `data` and the sweep's settings come through the object store."""
     import ray.tune
 
     from .planner import MemoryBudgetError, plan_batch
 
-    sweep = config["sweep"]
     trial_id = ray.tune.get_context().get_trial_id()
     cfg, sampled = trial_config(config)
     run_id = _trial_run_id(sweep, trial_id, cfg, sampled)
@@ -251,6 +250,32 @@ class Sweep:
 
     def __post_init__(self):
         check_gpu_share(self.workers_per_trial, self.gpus_per_trial)
+
+
+# Config fields that decide when a trial reports its validation cosine; ASHA's rungs are set from them.
+REPORT_SCHEDULE_FIELDS = ("max_steps", "val_every", "checkpoint_every")
+
+
+def asha_limits(cfg: TrainConfig, space: SearchSpace) -> tuple[int, int]:
+    """(grace_period, max_t) for ASHA in optimizer steps, for a scheduler with stop_last_trials=False.
+
+    A trial reports its validation cosine at every validation, every checkpoint and at max_steps;
+    ASHA judges it at the first report at or after each rung (grace_period * 2^k, up to max_t).
+    The first rung is no earlier than the first report, so no trial is judged before its first
+    validation (and, past that, not before a quarter of the run); the last is before max_steps,
+    since a trial at its last step has nothing left to save and stopping it there would only cut
+    its final summary and plots. When no report comes before the last step there is nothing to
+    stop early, and the rungs lie past max_steps. Any max_steps >= 1 works.
+    """
+    sampled = [key for key in REPORT_SCHEDULE_FIELDS if key in space.entries]
+    if sampled:
+        raise SpaceError(f"the space samples {', '.join(sampled)}, which ASHA's schedule is derived from; fix "
+                         f"{'it' if len(sampled) == 1 else 'them'} with --set or --max-steps, or use --scheduler fifo")
+    first_report = min(cfg.val_every, cfg.checkpoint_every, cfg.max_steps)
+    grace, last_rung = max(first_report, cfg.max_steps // 4), cfg.max_steps - 1
+    if grace > last_rung:
+        return cfg.max_steps + 1, cfg.max_steps + 1
+    return grace, last_rung
 
 
 def _trial_resources(sweep: Sweep) -> dict[str, float]:
@@ -312,11 +337,13 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
     sets = dict(sweep.sets)
     if sweep.max_steps is not None:
         sets["max_steps"] = sweep.max_steps
-    base = prepare_config(make_config(sweep.preset, sets))  # validates, builds the corpus once
+    uri = resolve_tracking_uri(sweep.tracking_uri)
+    base = make_config(sweep.preset, sets)
+    grace_period, max_t = asha_limits(base, space) if sweep.scheduler == "asha" else (None, None)
+    base = prepare_config(base)  # builds the corpus once
     sets["data_path"] = base.data_path
 
     connect(sweep.address)
-    uri = resolve_tracking_uri(sweep.tracking_uri)
     check_tracking_uri(uri, alive_node_count())
     storage = storage_path(sweep.storage)
     sweep_dir = Path(storage) / sweep.experiment
@@ -328,13 +355,20 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
     # through the object store.
     data = load_data(base)
     data = dataclasses.replace(data, baselines=baselines(data.train, validation_rows(data, base.val_max_samples)))
-    trainable = tune.with_resources(tune.with_parameters(run_trial, data=data), _trial_resources(sweep))
+
+    def settings_for_trials(parent_run_id: str) -> dict[str, Any]:
+        return {"tracking_uri": uri, "experiment": sweep.experiment, "parent_run_id": parent_run_id,
+                "name": sweep.experiment, "storage": storage, "workers_per_trial": sweep.workers_per_trial,
+                "gpus_per_trial": sweep.gpus_per_trial, "trial_memory_bytes": budget, "device_type": device_type,
+                "max_failures": sweep.max_failures}
 
     if sweep.resume:
         if not (sweep_dir / SWEEP_FILE).exists():
             raise SpaceError(f"no sweep to resume at {sweep_dir}")
-        parent_run_id = json.loads((sweep_dir / SWEEP_FILE).read_text())["parent_run_id"]
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
+        saved = json.loads((sweep_dir / SWEEP_FILE).read_text())
+        info = {**settings_for_trials(saved["parent_run_id"]), **saved}  # a resumed sweep keeps its settings
+        parent_run_id = info["parent_run_id"]
+        tuner = tune.Tuner.restore(str(sweep_dir), trainable=_trainable(data, info, sweep), resume_unfinished=True,
                                    resume_errored=True)
         log.info("resuming sweep %s (MLflow parent run %s)", sweep_dir, parent_run_id)
     else:
@@ -350,20 +384,17 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
         client = client_for(uri)
         for name, text in space.files.items():
             client.log_text(parent_run_id, text, f"spaces/{name}")
+        info = settings_for_trials(parent_run_id)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / SWEEP_FILE).write_text(json.dumps({"parent_run_id": parent_run_id, "tracking_uri": uri}))
-        info = {"tracking_uri": uri, "experiment": sweep.experiment, "parent_run_id": parent_run_id,
-                "name": sweep.experiment, "storage": storage, "workers_per_trial": sweep.workers_per_trial,
-                "gpus_per_trial": sweep.gpus_per_trial, "trial_memory_bytes": budget, "device_type": device_type,
-                "max_failures": sweep.max_failures}
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps(info))
         scheduler = None
         if sweep.scheduler == "asha":
             from ray.tune.schedulers import ASHAScheduler
-            scheduler = ASHAScheduler(time_attr="step", max_t=base.max_steps, reduction_factor=2,
-                                      grace_period=max(base.val_every, base.max_steps // 4))
+            scheduler = ASHAScheduler(time_attr="step", max_t=max_t, reduction_factor=2, grace_period=grace_period,
+                                      stop_last_trials=False)  # a trial ends itself, after its summary
         tuner = tune.Tuner(
-            trainable,
-            param_space={"preset": sweep.preset, "set": sets, "sampled": space.param_space(), "sweep": info},
+            _trainable(data, info, sweep),
+            param_space={"preset": sweep.preset, "set": sets, "sampled": space.param_space()},
             tune_config=tune.TuneConfig(num_samples=sweep.num_samples, metric="val_cosine", mode="max",
                                         scheduler=scheduler, max_concurrent_trials=sweep.concurrency),
             run_config=tune.RunConfig(
@@ -394,6 +425,13 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
             "parent_run_id": parent_run_id,
             "tracking_uri": uri, "sweep_path": str(sweep_dir), "wall_time_s": wall,
             "trial_train_time_s": sum(t["train_time_s"] or 0.0 for t in trials)}
+
+
+def _trainable(data: PairDataset, info: dict[str, Any], sweep: Sweep):
+    """run_trial with the data and the sweep's settings as parameters: kept out of the trials' config,
+    Tune's tables of each trial show the values that vary, not the plumbing."""
+    from ray import tune
+    return tune.with_resources(tune.with_parameters(run_trial, data=data, sweep=info), _trial_resources(sweep))
 
 
 def _interrupted(sweep_dir: Path, expected_trials: int) -> bool:

@@ -32,7 +32,24 @@ def test_train_local_writes_the_summary_json(tmp_path, corpus_path):
     assert str(summary_file) in result.stdout and "checkpoint" in result.stdout
     assert summary["mlflow_run_id"] and summary["model_version"]  # local runs are tracked too
     assert (tmp_path / "mlflow.db").exists() and "mlflow ui --backend-store-uri sqlite:///" in result.stdout
-    assert {p.name for p in (tmp_path / "run" / "plots").iterdir()} >= {"loss_curve.png", "output_surfaces.png"}
+    assert {p.name for p in (tmp_path / "run" / "plots").iterdir()} >= {"loss_curve.png", "output_surfaces.png",
+                                                                        "validation_vs_baselines.png"}
+
+    from mlflow import MlflowClient
+    client = MlflowClient(summary["tracking_uri"])
+    run = client.get_run(summary["mlflow_run_id"])
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning" \
+        in result.stdout
+    assert {"train/loss", "val/cosine", "val_baseline/ridge_cosine", "flow/steps_used"} <= set(run.data.metrics)
+    assert "plots/validation_vs_baselines.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    # the console: one line per validation (steps 0 and 3 here), with the baselines
+    validations = [line for line in result.stdout.splitlines() if "val cosine" in line]
+    assert [line.split()[1] for line in validations] == ["0/3", "3/3"]
+    assert all("baselines identity" in line for line in validations)
+    assert "INFO" not in result.stderr and "step 3: loss" not in result.stderr  # the loop's detail: train.log
+    assert "step 3: loss" in (tmp_path / "run" / "train.log").read_text()
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -45,6 +62,7 @@ def test_train_local_writes_the_summary_json(tmp_path, corpus_path):
     (["--preset", "huge"], "invalid choice: 'huge'"),
     (["--data", "/nonexistent/pairs.parquet"], "dataset /nonexistent/pairs.parquet does not exist"),
     (["--workers", "0"], "--workers=0 must be at least 1"),
+    (["--mlflow-uri", "ftp://x"], "MLflow tracking URI ftp://x has an unsupported scheme 'ftp'; use http://"),
 ])
 def test_bad_input_exits_2_with_one_line_naming_the_problem(args, needle, tmp_path):
     result = cli("train", "--local", "--preset", "smoke", *args, cwd=tmp_path, timeout=120)
@@ -68,3 +86,26 @@ def test_load_reports_a_missing_store_or_version_in_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: cannot load models:/energy-lattice/999")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "--workers", "1", "--mlflow-uri", "ftp://x"],
+    ["tune", "--space", str(REPO / "tune_spaces" / "spawn_convergence.yaml"), "--mlflow-uri", "ftp://x"],
+    ["compare", "--experiment", "any", "--mlflow-uri", "ftp://x"],
+])
+def test_a_tracking_uri_mlflow_cannot_use_is_one_line_naming_it_and_the_schemes(command, tmp_path):
+    result = cli(*command, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: MLflow tracking URI ftp://x has an unsupported scheme 'ftp'")
+    assert "http://, https://, sqlite://, file://" in line
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_sweep_whose_space_samples_the_report_schedule_is_refused_under_asha(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("val_every: {choice: [2, 4]}\n")
+    result = cli("tune", "--space", str(space), cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: the space samples val_every, which ASHA's schedule is derived from; fix it "
+                                     "with --set or --max-steps, or use --scheduler fifo")

@@ -277,6 +277,23 @@ def test_ragged_embeddings(tmp_path):
     assert load_dataset(_write_parquet(tmp_path / "e.parquet", target_emb=ok), val_fraction=0.3).embed_dim == 4
 
 
+@pytest.mark.parametrize("lines, problem", [
+    (['{"input_text": "a", "target_text": "b"}', '{"input_text": "c", "target_text": '],
+     "line 2 is not valid JSON (Expecting value at column 36)"),
+    (['{"input_text": "a", "target_text": "b"}', "", '{"input_text": "c", "target_text": "d"}', "not json"],
+     "line 4 is not valid JSON"),
+    (['{"input_text": "a", "target_text": "b"}', '["c", "d"]'], "line 2 is not a JSON object"),
+    (['{"input_text": "a", "target_text": "b"}', '{"input_text": 3, "target_text": "d"}'],
+     "line 2: 'input_text' is a number, but a string on line 1"),
+])
+def test_a_malformed_jsonl_line_is_named_by_its_line_number(tmp_path, lines, problem):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError) as err:
+        load_dataset(path)
+    assert str(err.value).startswith(f"{path}: {problem}"), str(err.value)
+
+
 def test_teacher_mismatch(tmp_path, teacher):
     path = _write_parquet(tmp_path / "d.parquet", dim=384, metadata={"teacher": "distilbert-base-uncased"})
     with pytest.raises(DatasetError, match=f"'distilbert-base-uncased'.*'{DEFAULT_TEACHER}'"):

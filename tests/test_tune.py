@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from orchestrator.config import make_config
 from orchestrator.tracking import compare_runs
-from orchestrator.tune import SpaceError, Sweep, load_space, run_sweep
+from orchestrator.tune import SpaceError, Sweep, asha_limits, load_space, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 SPACES = REPO / "tune_spaces"
@@ -57,6 +58,33 @@ def test_a_key_defined_in_two_space_files_is_refused(tmp_path):
         load_space([a, b])
 
 
+# ---- ASHA's schedule (no Ray) -------------------------------------------------------------------
+
+@pytest.mark.parametrize("max_steps", [1, 2, 3, 7, 10, 49, 50, 51, 100, 301, 10_000])
+@pytest.mark.parametrize("val_every, checkpoint_every", [(50, 100), (4, 4), (1, 1000), (200, 30)])
+def test_asha_judges_trials_only_between_their_first_validation_and_their_last_step(max_steps, val_every,
+                                                                                   checkpoint_every):
+    from ray.tune.schedulers import ASHAScheduler
+    cfg = make_config("smoke", {"max_steps": max_steps, "val_every": val_every, "checkpoint_every": checkpoint_every})
+    grace, max_t = asha_limits(cfg, load_space([SPACES / "spawn_convergence.yaml"]))
+    scheduler = ASHAScheduler(time_attr="step", max_t=max_t, grace_period=grace, reduction_factor=2,
+                              stop_last_trials=False)  # Ray's own checks of the two numbers pass
+    reports = [step for step in range(1, max_steps + 1)
+               if step % val_every == 0 or step % checkpoint_every == 0 or step == max_steps]
+    rungs = [milestone for bracket in scheduler._brackets for milestone, _ in bracket._rungs]
+    judged_at = {min(r for r in reports if r >= rung) for rung in rungs if rung <= max_steps}
+    assert all(reports[0] <= step < max_steps for step in judged_at), (rungs, reports)
+    if any(reports[0] <= r < max_steps and r >= max_steps // 4 for r in reports):
+        assert judged_at, "a run with validations before its last step gets judged"
+
+
+def test_asha_refuses_a_space_that_samples_its_schedule(tmp_path):
+    space = tmp_path / "steps.yaml"
+    space.write_text("max_steps: {choice: [10, 20]}\ncheckpoint_every: {choice: [5, 10]}\n")
+    with pytest.raises(SpaceError, match="the space samples max_steps, checkpoint_every, which ASHA's schedule"):
+        asha_limits(make_config("smoke"), load_space([space]))
+
+
 # ---- sweeps -------------------------------------------------------------------------------------
 
 def sweep(tmp_path, corpus_path, **kw):
@@ -76,10 +104,13 @@ def children_of(client, experiment, parent_run_id):
 @pytest.mark.ray
 def test_sweep_of_four_trials_nests_one_child_run_per_trial_under_the_parent(tmp_path, ray_instance,
                                                                              corpus_path):
-    summary = run_sweep(sweep(tmp_path, corpus_path))
+    # The README's quick sweep at --max-steps 10, validation and checkpoint intervals left at their
+    # defaults (50, 100): ASHA's grace period used to exceed max_t here and the sweep crashed.
+    defaults = {k: v for k, v in sweep(tmp_path, corpus_path).sets.items() if k not in ("val_every", "checkpoint_every")}
+    summary = run_sweep(sweep(tmp_path, corpus_path, max_steps=10, sets=defaults))
     client = MlflowClient(summary["tracking_uri"])
     trials = summary["trials"]
-    assert len(trials) == 4 and all(t["status"] in ("completed", "stopped") for t in trials), trials
+    assert len(trials) == 4 and all(t["status"] == "completed" for t in trials), trials
     children = children_of(client, "sweep-test", summary["parent_run_id"])
     assert sorted(c.data.tags["trial_id"] for c in children) == sorted(t["trial_id"] for t in trials)
     sampled = {c.data.params["model.spawn_threshold"] for c in children}
@@ -94,9 +125,15 @@ def test_sweep_of_four_trials_nests_one_child_run_per_trial_under_the_parent(tmp
     assert parent.data.metrics["best_val_cosine"] == pytest.approx(best["val_cosine"])
     assert parent.data.params["space.model.spawn_threshold"] == "uniform(0.05, 0.3)"
     assert "params_vs_val_cosine.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert all(t["steps"] == 10 for t in trials)
 
     table = compare_runs("sweep-test", summary["tracking_uri"], top=3)
     assert table.count("\n") >= 3 and "model.spawn_threshold=" in table and best["trial_id"] in table
+    header, first = table.splitlines()[:2]
+    assert header.split()[3:5] == ["val/cosine", "val/top1"]
+    assert first.split()[3] == f"{best['val_cosine']:.4f}"
 
 
 @pytest.mark.ray
