@@ -109,6 +109,11 @@ class ProgressChannel:
         self.queue = Queue(actor_options={"num_cpus": 0})
         self.emit = emit
 
+    def __getstate__(self):
+        # Workers only put lines on the queue. `emit` stays with the driver: pickling the builtin
+        # print fails once Ray has patched builtins.print in the driver (it does for its progress bars).
+        return {"queue": self.queue, "emit": None}
+
     def tracker(self, total_steps: int, baselines: dict[str, Any] | None = None,
                 validates_every: tuple[int, ...] = ()) -> ConsoleTracker:
         """The tracker rank 0 uses (call it in the worker; the queue handle travels with the config)."""

@@ -42,7 +42,7 @@ JOB_KIND = "progressive_scaling"
 @dataclass
 class ScalingJob:
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
-    steps_per_stage: list[int] = field(default_factory=lambda: [300])  # one for all stages, or one per stage
+    steps_per_stage: list[int] | int = field(default_factory=lambda: [300])  # one for all stages, or one per stage
     workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
@@ -60,6 +60,8 @@ class ScalingJob:
     fresh_start_incompatible: bool = False  # a stage that cannot take the previous weights starts from random ones
 
     def __post_init__(self):
+        if isinstance(self.steps_per_stage, int):
+            self.steps_per_stage = [self.steps_per_stage]
         check_gpu_share(self.workers, self.gpus_per_worker)
 
 

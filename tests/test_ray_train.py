@@ -150,3 +150,19 @@ def test_training_against_a_real_mlflow_server(tmp_path, mlflow_server, corpus_p
     model = load_registered_model(f"models:/energy-lattice/{summary['model_version']}", mlflow_server)
     assert model.cfg.width == 8
     assert not (tmp_path / "mlflow.db").exists(), "nothing may fall back to the local store"
+
+
+def test_the_progress_channel_reaches_workers_after_ray_patches_print(ray_instance, monkeypatch):
+    """Ray Train patches builtins.print in the driver; the channel must still pickle to its workers."""
+    import builtins
+
+    import cloudpickle
+    from orchestrator.console import ProgressChannel
+    channel = ProgressChannel()
+    try:
+        monkeypatch.setattr(builtins, "print", lambda *a, **k: None)
+        copy = cloudpickle.loads(cloudpickle.dumps(channel))
+        copy.tracker(10).emit("a line")
+        assert channel.queue.get(timeout=10) == "a line"
+    finally:
+        channel.close()
