@@ -133,8 +133,8 @@ def run_job(job: ScalingJob) -> dict[str, Any]:
     check_tracking_uri(uri, alive_node_count())
     parent_id, resumed = _find_or_start_parent(uri, job)
     print(f"{'resuming' if resumed else 'starting'} progressive scaling {' -> '.join(job.stages)}, "
-          f"{job.steps_per_stage} steps per stage (MLflow experiment {job.experiment}, parent run {parent_id})",
-          flush=True)
+          f"{','.join(map(str, job.steps_per_stage))} steps per stage (MLflow experiment {job.experiment}, "
+          f"parent run {parent_id})", flush=True)
     done = child_runs(uri, job.experiment, parent_id, "stage")
     client = client_for(uri)
 
