@@ -509,7 +509,9 @@ def part_bench(env: CheckEnv, figures: dict[str, Any]) -> tuple[bool, str]:
         f = bench_preset(name, batch, env.device, env.data, repeats=repeats, overrides={"precision": "bf16-mixed"},
                          peak=peak)
         results[name] = f
-        if f["matmul_peak_dtype"] != "bfloat16" or not (0 < f["mfu_forward"] <= 1 and 0 < f["mfu_train"] <= 1):
+        if f["mfu_train"] is None:
+            problems.append(f"{name}: MFU unknown, {f['mfu_unknown_why']}")
+        elif f["matmul_peak_dtype"] != "bfloat16" or not (0 < f["mfu_forward"] <= 1 and 0 < f["mfu_train"] <= 1):
             problems.append(f"{name}: MFU {f['mfu_forward']:.2f} / {f['mfu_train']:.2f} against a "
                             f"{f['matmul_peak_dtype']} peak")
     if "scale-300" in results:
@@ -520,7 +522,8 @@ def part_bench(env: CheckEnv, figures: dict[str, Any]) -> tuple[bool, str]:
         if not f["targets"]["met"]:
             problems.append(f"scale-300 target missed: step {f['train_step_s']:.2f} s (< {TARGET_STEP_S:g}), "
                             f"{memory_gb:.1f} GB reserved (< {TARGET_MEMORY_GB:g})")
-    summary = "; ".join(f"{n} {f['train_step_s']:.3g} s/step, {f['peak_mem_gb']:.2f} GB, MFU {f['mfu_train']:.3f}"
+    summary = "; ".join(f"{n} {f['train_step_s']:.3g} s/step, {f['peak_mem_gb']:.2f} GB, MFU "
+                        + (f"{f['mfu_train']:.3f}" if f["mfu_train"] is not None else "unknown")
                         for n, f in results.items()) + f" (bf16 peak {peak.gflops:.3g} GFLOP/s)"
     return not problems, summary + (f"; {problems[0]}" if problems else "")
 
