@@ -161,11 +161,12 @@ def end_run(uri: str, run_id: str, status: str) -> None:
 
 
 # MLflow's run page groups metrics into sections by the part of the name before "/": sections in
-# alphabetical order, then ungrouped metrics; `system/` metrics go to the System metrics tab. The
-# baselines are constants (one bar chart each), so their section is named to sort after `val`.
-# The training loop, Ray reports, summaries and metrics.jsonl keep flat keys (`val_cosine`); only
-# what MLflow stores gets the sectioned name (`val/cosine`).
-PREFIX_SECTIONS = {"val_": "val", "baseline_": "val_baseline", "train_": "train", "flow_": "flow",
+# alphabetical order (seen in MLflow 3.17), then ungrouped metrics; `system/` metrics go to the
+# System metrics tab. Validation is what a run page should open on, so its section is `eval`
+# (first: eval < flow < train); the baselines are constants (one bar chart each), so theirs is named
+# to sort last. The training loop, Ray reports, summaries and metrics.jsonl keep flat keys
+# (`val_cosine`); only what MLflow stores gets the sectioned name (`eval/cosine`).
+PREFIX_SECTIONS = {"val_": "eval", "baseline_": "val_baseline", "train_": "train", "flow_": "flow",
                    "system_": "system"}
 FLOW_WORDS = ("steps_used", "completion", "spawned")                      # how the flows behaved
 SYSTEM_WORDS = ("samples_per_s", "step_time", "mem_gb", "parameters")     # what the run costs
@@ -176,10 +177,10 @@ VALIDATION_KEYS = ("lattice_gain", "plane_difference", "plane_balance")
 def mlflow_metric_name(key: str, *, with_validation: bool = False) -> str:
     """The MLflow name of a flat metric key, by rule:
 
-    - a known prefix becomes a section: `val_cosine` -> `val/cosine`, `baseline_ridge_top1` ->
-      `val_baseline/ridge_top1`, `val_cosine_skip_only` -> `val/cosine_skip_only`;
+    - a known prefix becomes a section: `val_cosine` -> `eval/cosine`, `baseline_ridge_top1` ->
+      `val_baseline/ridge_top1`, `val_cosine_skip_only` -> `eval/cosine_skip_only`;
     - an unprefixed key logged together with validation metrics was measured at that validation:
-      `lattice_gain` -> `val/lattice_gain`, `plane_difference` -> `val/plane_difference`;
+      `lattice_gain` -> `eval/lattice_gain`, `plane_difference` -> `eval/plane_difference`;
     - otherwise flow statistics go to `flow/`, throughput, memory and size to `system/`, and the
       rest (loss, lr, grad_norm) to `train/`.
     A name that already has a section is kept.
@@ -190,7 +191,7 @@ def mlflow_metric_name(key: str, *, with_validation: bool = False) -> str:
         if key.startswith(prefix):
             return f"{section}/{key[len(prefix):]}"
     if with_validation or key in VALIDATION_KEYS:
-        return f"val/{key}"
+        return f"eval/{key}"
     if any(word in key for word in FLOW_WORDS):
         return f"flow/{key}"
     if any(word in key for word in SYSTEM_WORDS):

@@ -42,7 +42,7 @@ def test_train_local_writes_the_summary_json(tmp_path, corpus_path):
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning" \
         in result.stdout
-    assert {"train/loss", "val/cosine", "val_baseline/ridge_cosine", "flow/steps_used"} <= set(run.data.metrics)
+    assert {"train/loss", "eval/cosine", "val_baseline/ridge_cosine", "flow/steps_used"} <= set(run.data.metrics)
     assert "plots/validation_vs_baselines.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     # the console: one line per validation (steps 0 and 3 here), with the baselines
     validations = [line for line in result.stdout.splitlines() if "val cosine" in line]

@@ -92,30 +92,32 @@ def test_durations(seconds, text):
     ("spawned_per_sample", "flow/spawned_per_sample"),
     ("samples_per_s", "system/samples_per_s"), ("step_time_s", "system/step_time_s"),
     ("peak_mem_gb", "system/peak_mem_gb"), ("parameters", "system/parameters"),
-    ("val_cosine", "val/cosine"), ("val_top1", "val/top1"), ("val_steps_used", "val/steps_used"),
-    ("val_cosine_skip_only", "val/cosine_skip_only"), ("val_top1_lattice_only", "val/top1_lattice_only"),
+    ("val_cosine", "eval/cosine"), ("val_top1", "eval/top1"), ("val_steps_used", "eval/steps_used"),
+    ("val_cosine_skip_only", "eval/cosine_skip_only"), ("val_top1_lattice_only", "eval/top1_lattice_only"),
     ("baseline_ridge_cosine", "val_baseline/ridge_cosine"),
     ("baseline_kernel_ridge_bleu", "val_baseline/kernel_ridge_bleu"),
     ("baseline_mean_target_top1", "val_baseline/mean_target_top1"),
     ("baseline_ridge_lambda", "val_baseline/ridge_lambda"),
-    ("val/cosine", "val/cosine"),
+    ("eval/cosine", "eval/cosine"),
 ])
 def test_metric_keys_get_their_mlflow_section_by_rule(key, name):
     assert mlflow_metric_name(key) == name
 
 
-def test_mlflow_lists_the_sections_that_matter_before_the_constant_baselines():
-    """MLflow orders a run's metric sections alphabetically (checked in MLflow 3.17's UI)."""
-    sections = sorted({mlflow_metric_name(k).split("/")[0] for k in ("loss", "steps_used", "val_cosine",
-                                                                      "baseline_ridge_cosine")})
-    assert sections[-1] == "val_baseline" and sections[-2] == "val"
+def test_a_run_page_opens_on_validation_and_ends_with_the_constant_baselines():
+    """MLflow orders a run's metric sections alphabetically (checked in MLflow 3.17's UI); `system/`
+    goes to its own tab."""
+    logged = ["loss", "lr", "steps_used", "completion", "val_cosine", "val_top1", "lattice_gain",
+              "baseline_ridge_cosine", "baseline_identity_top1"]
+    sections = sorted({mlflow_metric_name(k, with_validation=k.startswith("val_")).split("/")[0] for k in logged})
+    assert sections[0] == "eval" and sections[-1] == "val_baseline", sections
 
 
 def test_unprefixed_metrics_logged_with_a_validation_are_validation_metrics():
     named = mlflow_metric_names({"val_cosine": 0.5, "val_cosine_skip_only": 0.4, "lattice_gain": 0.1,
                                  "plane_difference": 0.2})
-    assert named == {"val/cosine": 0.5, "val/cosine_skip_only": 0.4, "val/lattice_gain": 0.1,
-                     "val/plane_difference": 0.2}
+    assert named == {"eval/cosine": 0.5, "eval/cosine_skip_only": 0.4, "eval/lattice_gain": 0.1,
+                     "eval/plane_difference": 0.2}
     assert mlflow_metric_names({"loss": 1.0, "steps_used": 7.0}) == {"train/loss": 1.0, "flow/steps_used": 7.0}
 
 

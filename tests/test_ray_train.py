@@ -42,11 +42,11 @@ def test_two_workers_train_on_their_own_shards_and_rank0_logs_a_complete_run(tmp
     assert abs(shards[0][1] - shards[1][1]) <= 1
     # one logger: every logged step appears exactly once
     assert history_steps(client, run.info.run_id, "train/loss") == list(range(1, 9))
-    assert history_steps(client, run.info.run_id, "val/cosine") == [0, 4, 8]
+    assert history_steps(client, run.info.run_id, "eval/cosine") == [0, 4, 8]
     # MLflow groups metrics by section; the constant baselines' section sorts last
     sections = {key.split("/")[0] for key in run.data.metrics}
     assert sections == {"train", "val", "flow", "system", "val_baseline"}, sorted(run.data.metrics)
-    assert {"flow/steps_used", "system/peak_mem_gb", "val_baseline/ridge_cosine", "val/top1"} <= set(run.data.metrics)
+    assert {"flow/steps_used", "system/peak_mem_gb", "val_baseline/ridge_cosine", "eval/top1"} <= set(run.data.metrics)
     assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert run.data.params["model.width"] == "8" and run.data.params["lr"] == str(cfg.lr)
     assert {"preset", "lattice", "workers", "precision", "git_commit"} <= set(run.data.tags)
@@ -79,7 +79,7 @@ def test_a_worker_killed_mid_run_is_restarted_without_losing_or_repeating_steps(
     runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]]
     assert history_steps(client, summary["mlflow_run_id"], "train/loss") == list(range(1, 11))
-    assert history_steps(client, summary["mlflow_run_id"], "val/cosine") == [0, 4, 8, 10]
+    assert history_steps(client, summary["mlflow_run_id"], "eval/cosine") == [0, 4, 8, 10]
 
 
 def test_non_finite_loss_ends_the_run_as_diverged_with_the_last_good_checkpoint(tmp_path, ray_instance,
@@ -145,7 +145,7 @@ def test_training_against_a_real_mlflow_server(tmp_path, mlflow_server, corpus_p
     client = MlflowClient(mlflow_server)
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.params["model.width"] == "8"
-    assert history_steps(client, run.info.run_id, "val/cosine") == [0, 3]
+    assert history_steps(client, run.info.run_id, "eval/cosine") == [0, 3]
     assert "plots" in {a.path for a in client.list_artifacts(run.info.run_id)}
     model = load_registered_model(f"models:/energy-lattice/{summary['model_version']}", mlflow_server)
     assert model.cfg.width == 8

@@ -132,7 +132,7 @@ def test_sweep_of_four_trials_nests_one_child_run_per_trial_under_the_parent(tmp
     table = compare_runs("sweep-test", summary["tracking_uri"], top=3)
     assert table.count("\n") >= 3 and "model.spawn_threshold=" in table and best["trial_id"] in table
     header, first = table.splitlines()[:2]
-    assert header.split()[3:5] == ["val/cosine", "val/top1"]
+    assert header.split()[3:5] == ["eval/cosine", "eval/top1"]
     assert first.split()[3] == f"{best['val_cosine']:.4f}"
 
 
