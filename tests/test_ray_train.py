@@ -45,7 +45,7 @@ def test_two_workers_train_on_their_own_shards_and_rank0_logs_a_complete_run(tmp
     assert history_steps(client, run.info.run_id, "eval/cosine") == [0, 4, 8]
     # MLflow groups metrics by section; the constant baselines' section sorts last
     sections = {key.split("/")[0] for key in run.data.metrics}
-    assert sections == {"train", "val", "flow", "system", "val_baseline"}, sorted(run.data.metrics)
+    assert sections == {"train", "eval", "flow", "system", "val_baseline"}, sorted(run.data.metrics)
     assert {"flow/steps_used", "system/peak_mem_gb", "val_baseline/ridge_cosine", "eval/top1"} <= set(run.data.metrics)
     assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert run.data.params["model.width"] == "8" and run.data.params["lr"] == str(cfg.lr)
