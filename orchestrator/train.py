@@ -38,7 +38,7 @@ from .config import TrainConfig, config_from_dict, resolved, run_tags
 from .context import LocalContext, RunContext, Tracker
 from .data import PairDataset, Split, ensure_corpus, load_dataset, shard, validation_rows
 from .evaluation import Decoded, baselines, evaluate, example_rows, finish_metrics, text_metrics
-from .planner import keep_freed_memory, use_expandable_segments
+from .memory import keep_freed_memory, peak_memory_bytes, use_expandable_segments
 from .plots import make_plots
 from .tracking import VALIDATION_KEYS, log_config
 
