@@ -27,6 +27,8 @@ def knob(default: Any, help: str, *, range: str | None = None, choices: tuple | 
 
 
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed")
+ENERGY_UPDATES = ("residual", "gated", "replace")
+PLANE_SPLITS = ("learned", "arrival")
 # The fields that fix parameter shapes, in two parts: the lattice's own size, which
 # model.transfer changes between progressive-scaling stages, and every other one, which stages
 # (and a checkpoint and the config that loads it) must agree on for weights to carry over.
@@ -34,8 +36,6 @@ LATTICE_SIZE_FIELDS = ("width", "height", "depth")
 CARRIED_SHAPE_FIELDS = ("embed_dim", "mapper_rank", "collector_rank", "neuron_hidden", "neuron_features",
                         "carrier_hidden", "carrier_layers", "energy_update", "plane_split", "skip",
                         "mapper_layer_norm", "split_energy_gain")
-ENERGY_UPDATES = ("residual", "gated", "replace")
-PLANE_SPLITS = ("learned", "arrival")
 
 
 @dataclass(frozen=True)
