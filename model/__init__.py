@@ -2,8 +2,8 @@
 from .config import PRESETS, ConfigError, ModelConfig, preset
 from .flow import FlowStats, FlowTrace, run_flows
 from .lattice import (Collector, EnergyCarrier, EnergyLattice, InputMapper, LatticeOutput, SimpleNeuron,
-                      batch_metrics, count_parameters, flow_step_flops, lattice_loss)
+                      count_parameters, flow_step_flops, lattice_loss)
 
 __all__ = ["PRESETS", "ConfigError", "ModelConfig", "preset", "FlowStats", "FlowTrace", "run_flows",
            "Collector", "EnergyCarrier", "EnergyLattice", "InputMapper", "LatticeOutput", "SimpleNeuron",
-           "batch_metrics", "count_parameters", "flow_step_flops", "lattice_loss"]
+           "count_parameters", "flow_step_flops", "lattice_loss"]

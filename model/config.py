@@ -29,6 +29,13 @@ def knob(default: Any, help: str, *, range: str | None = None, choices: tuple | 
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed")
 ENERGY_UPDATES = ("residual", "gated", "replace")
 PLANE_SPLITS = ("learned", "arrival")
+# The fields that fix parameter shapes, in two parts: the lattice's own size, which
+# model.transfer changes between progressive-scaling stages, and every other one, which stages
+# (and a checkpoint and the config that loads it) must agree on for weights to carry over.
+LATTICE_SIZE_FIELDS = ("width", "height", "depth")
+CARRIED_SHAPE_FIELDS = ("embed_dim", "mapper_rank", "collector_rank", "neuron_hidden", "neuron_features",
+                        "carrier_hidden", "carrier_layers", "energy_update", "plane_split", "skip",
+                        "mapper_layer_norm", "split_energy_gain")
 
 
 @dataclass(frozen=True)
@@ -120,10 +127,13 @@ class ModelConfig:
         return self.width * self.height
 
     def step_limits(self) -> tuple[float, float, float]:
-        """Largest displacement per step along (x, y, z) in normalized [-1, 1] units."""
-        r = self.resolved()
-        return (r.max_dxy_cells * 2 / (r.width - 1), r.max_dxy_cells * 2 / (r.height - 1),
-                r.max_dz_cells * 2 / (r.depth - 1))
+        """Largest displacement per step along (x, y, z) in normalized [-1, 1] units, of a resolved
+        config. The flow processor asks on every forward pass, so this reads the fields and does not
+        resolve (and validate) the config again."""
+        if self.max_dxy_cells is None or self.max_dz_cells is None:
+            raise ValueError("step_limits needs a resolved config (ModelConfig.resolved())")
+        return (self.max_dxy_cells * 2 / (self.width - 1), self.max_dxy_cells * 2 / (self.height - 1),
+                self.max_dz_cells * 2 / (self.depth - 1))
 
     def straight_path_steps(self) -> int:
         """Steps a flow needs to get from z=0 to a plane moving at full speed along z."""
@@ -153,10 +163,14 @@ class ModelConfig:
 
     def shape_fields(self) -> dict[str, int]:
         """The fields that fix parameter shapes; checkpoints must agree on all of them."""
-        return {k: getattr(self, k) for k in (
-            "embed_dim", "width", "height", "depth", "mapper_rank", "collector_rank", "neuron_hidden",
-            "neuron_features", "carrier_hidden", "carrier_layers", "energy_update", "plane_split", "skip",
-            "mapper_layer_norm", "split_energy_gain")}
+        carried = self.carried_fields()
+        # embed_dim, then the lattice size, then the rest: the order mismatch messages list them in
+        return {"embed_dim": carried.pop("embed_dim"), **{k: getattr(self, k) for k in LATTICE_SIZE_FIELDS},
+                **carried}
+
+    def carried_fields(self) -> dict[str, int]:
+        """The shape fields other than the lattice's size: what weights carry over between sizes."""
+        return {k: getattr(self, k) for k in CARRIED_SHAPE_FIELDS}
 
 
 # What a config saved before a field existed meant: the model as it was built then. Checkpoints

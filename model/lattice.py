@@ -272,12 +272,3 @@ def lattice_loss(output: LatticeOutput, target: Tensor, cfg: ModelConfig) -> Ten
     if cfg.travel_loss_weight:
         loss = loss + cfg.travel_loss_weight * output.stats.remaining_distance
     return loss
-
-
-@torch.no_grad()
-def batch_metrics(pred: Tensor, target: Tensor) -> dict[str, float]:
-    """Mean cosine to target and in-batch retrieval top-1 (is a sample's nearest target its own?)."""
-    p, t = F.normalize(pred.float(), dim=-1), F.normalize(target.float(), dim=-1)
-    sims = p @ t.T
-    top1 = (sims.argmax(dim=1) == torch.arange(len(p), device=p.device)).float().mean()
-    return {"cosine": float(sims.diagonal().mean()), "top1": float(top1)}

@@ -21,9 +21,6 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .lattice import EnergyLattice
 
-# The lattice's own size is what transfer changes; every other field that fixes the model's
-# parameters must agree between the two models.
-LATTICE_SIZE_FIELDS = ("width", "height", "depth")
 RESAMPLINGS = ("nearest", "linear")
 
 
@@ -58,9 +55,10 @@ def resize_state_dict(state: dict[str, torch.Tensor], height: int, width: int,
 
 def transfer(source: EnergyLattice, target_cfg: ModelConfig, mode: str = "nearest") -> EnergyLattice:
     """A new model for `target_cfg` starting from `source`'s weights (resized where shape-bound)."""
-    source_fields, target_fields = source.cfg.shape_fields(), target_cfg.shape_fields()
+    # The lattice size is what transfer changes; every other shape field must agree.
+    source_fields, target_fields = source.cfg.carried_fields(), target_cfg.carried_fields()
     mismatched = [f"{k}: source {v} vs target {target_fields[k]}" for k, v in source_fields.items()
-                  if k not in LATTICE_SIZE_FIELDS and v != target_fields[k]]
+                  if v != target_fields[k]]
     if mismatched:
         raise ValueError("cannot carry weights between these models: " + "; ".join(mismatched))
     target = EnergyLattice(target_cfg)

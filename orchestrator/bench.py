@@ -27,9 +27,10 @@ import torch.nn.functional as F
 
 from model import EnergyLattice, flow_step_flops, lattice_loss, preset
 
+from .context import choose_device
 from .data import PairDataset, validation_rows
 from .evaluation import decode, text_metrics
-from .planner import keep_freed_memory, peak_memory_bytes, reset_peak_memory
+from .memory import keep_freed_memory, peak_memory_bytes, reset_peak_memory
 
 DEFAULT_PRESETS = ("debug", "experiment", "scale-50")
 # Batches that run in seconds to a minute per step on a 2-core CPU; --batch overrides them.
@@ -253,8 +254,7 @@ def run_bench(presets: list[str], *, batch: int | None = None, device: str = "au
               overrides: dict[str, Any] | None = None, data: PairDataset | None = None,
               cpu_keep_freed_memory: bool = False, log=print) -> dict[str, Any]:
     """Bench every preset in this process; returns {"machine": ..., "presets": {name: figures}}."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = choose_device(device, torch.cuda.is_available(), "torch sees no CUDA device here")
     kept = dev.type == "cpu" and cpu_keep_freed_memory and keep_freed_memory()
     if data is None:
         from .config import make_config

@@ -7,9 +7,7 @@ leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,8 @@ import torch
 from model import EnergyLattice, ModelConfig
 from model.config import saved_model_config
 
+from .files import atomic_write
+
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
@@ -25,18 +25,6 @@ FORMAT_VERSION = 1
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing, truncated, or from another model shape."""
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp) for a temporary file beside `path`, then move it into place: readers (and a
-    crash) see either the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any], meta: dict[str, Any] | None = None) -> Path:
@@ -84,10 +72,6 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> En
     model = EnergyLattice(model_config_of(state))
     model.load_state_dict(state["model"])
     return model.eval()
-
-
-def model_config_dict(cfg: ModelConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

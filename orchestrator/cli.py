@@ -298,8 +298,9 @@ def cmd_bench_quality(args) -> int:
 
 def cmd_plan(args) -> int:
     from model.config import preset
-    from .planner import (EXPANDABLE_SEGMENTS, GiB, available_memory_bytes, check_batch, estimate_peak_bytes,
-                          measure_peak_bytes, plan_batch)
+    from .memory import EXPANDABLE_SEGMENTS, available_memory_bytes
+    from .memory_measure import measure_peak_bytes
+    from .planner import GiB, check_batch, estimate_peak_bytes, plan_batch
     cfg = preset(args.preset, **_model_overrides(args.set)).resolved()
     if args.budget_gb is not None and args.budget_gb <= 0:
         raise UserError("--budget-gb must be positive")

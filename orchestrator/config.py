@@ -103,15 +103,14 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     return from_dict(TrainConfig, data)
 
 
-def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
 def resolved(cfg: TrainConfig) -> TrainConfig:
-    """The config with the model's None defaults filled in: what runs, and what gets logged."""
+    """The config with the model's None defaults filled in: what runs, and what gets logged.
+
+    Called where a config enters a run (train_loop, a launcher); everything downstream takes the
+    resolved dataclass as it is."""
     validate(cfg)
     return dataclasses.replace(cfg, model=cfg.model.resolved())
 
 
-__all__ = ["TrainConfig", "ConfigError", "make_config", "parse_sets", "config_from_dict", "config_to_dict",
-           "resolved", "flatten", "run_tags"]
+__all__ = ["TrainConfig", "ConfigError", "make_config", "parse_sets", "config_from_dict", "resolved", "flatten",
+           "run_tags"]

@@ -18,13 +18,12 @@ most of `data build --corpus params` the first time.
 from __future__ import annotations
 
 import inspect
-import pkgutil
 import re
 import warnings
 from pathlib import Path
 
-from orchestrator.data import _ABBREVIATIONS, _quiet_import
-from orchestrator.teacher import DEFAULT_TEACHER, _safe_dirname, default_cache_dir
+from .corpus_common import corpus_cache_path, is_abbreviation, public_methods, public_modules
+from .teacher import DEFAULT_TEACHER
 
 DEFAULT_PACKAGES = ("numpy", "scipy", "pandas", "sklearn", "matplotlib")
 MAX_PAIRS = 6000
@@ -71,7 +70,7 @@ def _first_sentence(text: str) -> str:
     for match in re.finditer(r"[.!?](?=\s|$)", text):
         last_word = text[: match.end()].rsplit(" ", 1)[-1].lower().lstrip("([{'\"`")
         # "(e.g.", "i.e." and initials such as "x." do not end a sentence
-        if last_word in _ABBREVIATIONS or re.fullmatch(r"[a-z]\.", last_word):
+        if is_abbreviation(last_word):
             continue
         return text[: match.end()]
     return text
@@ -125,28 +124,6 @@ def parse_parameters(doc: str) -> list[tuple[str, str, str]]:
     return parameters
 
 
-def _public_modules(package: str) -> list[tuple[str, object]]:
-    """(name, module) for a package and its public submodules, sorted by name."""
-    root = _quiet_import(package)
-    if root is None:
-        return []
-    modules = [(package, root)]
-    pending = [(package, list(getattr(root, "__path__", [])))]
-    while pending:
-        parent, paths = pending.pop()
-        for info in pkgutil.iter_modules(paths):
-            if info.name.startswith("_") or info.name in _SKIP_SUBMODULE_PARTS:
-                continue
-            name = f"{parent}.{info.name}"
-            module = _quiet_import(name)
-            if module is None:
-                continue
-            modules.append((name, module))
-            if info.ispkg and hasattr(module, "__path__"):
-                pending.append((name, list(module.__path__)))
-    return sorted(modules, key=lambda m: m[0])
-
-
 def _home_module(obj) -> str | None:
     module = getattr(obj, "__module__", None) or getattr(type(obj), "__module__", None)
     return module if isinstance(module, str) else None
@@ -165,7 +142,7 @@ def _named_callables(package: str) -> list[tuple[str, object]]:
     methods of its public classes, each object once, under its most public name."""
     package_root = package.split(".")[0]
     best: dict[int, tuple[tuple, str, object]] = {}
-    for modname, module in _public_modules(package):
+    for modname, module in public_modules(package, _SKIP_SUBMODULE_PARTS):
         try:
             namespace = dict(vars(module))
         except TypeError:
@@ -186,17 +163,8 @@ def _named_callables(package: str) -> list[tuple[str, object]]:
     named = []
     for _, qualname, obj in sorted(best.values(), key=lambda entry: entry[0]):
         named.append((qualname, obj))
-        if not inspect.isclass(obj):
-            continue
-        for attr in sorted(vars(obj)):
-            raw = vars(obj)[attr]
-            if attr.startswith("_") or not (inspect.isroutine(raw) or isinstance(raw, (staticmethod, classmethod))):
-                continue
-            try:
-                method = getattr(obj, attr)
-            except Exception:
-                continue
-            named.append((f"{qualname}.{attr}", method))
+        if inspect.isclass(obj):
+            named.extend(public_methods(qualname, obj))
     return named
 
 
@@ -243,6 +211,4 @@ def build_parameter_corpus(packages=DEFAULT_PACKAGES, max_pairs: int = MAX_PAIRS
 
 def default_parameter_corpus_path(teacher_id: str = DEFAULT_TEACHER) -> Path:
     """Next to the stdlib corpus in the cache; one file per teacher, since it holds its embeddings."""
-    if teacher_id == DEFAULT_TEACHER:
-        return default_cache_dir() / "corpus" / "numpydoc_params.parquet"
-    return default_cache_dir() / "corpus" / f"numpydoc_params.{_safe_dirname(teacher_id)}.parquet"
+    return corpus_cache_path("numpydoc_params", teacher_id)

@@ -1,4 +1,4 @@
-"""Datasets of (input_text, target_text) pairs: corpus builder, loading, validation, split, shard.
+"""Datasets of (input_text, target_text) pairs: writing, loading, validation, split, shard.
 
 A dataset is a Parquet file with columns
 
@@ -9,11 +9,8 @@ and schema metadata {"teacher": teacher_id, "embed_dim": E}. Users may also brin
 file with just the two text columns; it is embedded with the teacher on load (through the
 teacher's on-disk cache, so only once).
 
-The project's own corpus is built from text that ships with Python: for every public function,
-class and method of the standard library, the input is its qualified name and signature
-("posixpath.join(a, *p)") and the target is the first sentence of its docstring
-("Join two or more pathname components, inserting '/' as needed."). Inputs and targets are both
-unique, so nearest-neighbour decoding over the target embeddings has one right answer.
+The project's own corpus is built from text that ships with Python (orchestrator/corpus_stdlib.py);
+`ensure_corpus` builds, embeds and writes it on first use.
 
 The train/validation split is decided per row by a hash of input_text: deterministic, stable when
 rows are reordered or appended, and rows with the same input never straddle the split.
@@ -21,18 +18,8 @@ rows are reordered or appended, and rows with the same input never straddle the 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import importlib
-import inspect
-import io
 import logging
-import os
-import pkgutil
-import re
-import sys
-import uuid
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.teacher import DEFAULT_TEACHER, Teacher, _safe_dirname, default_cache_dir
+from .corpus_stdlib import build_stdlib_corpus, default_corpus_path
+from .files import atomic_write
+from .teacher import DEFAULT_TEACHER, Teacher
 
 logger = logging.getLogger(__name__)
 
@@ -53,215 +42,12 @@ class DatasetError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------
-# Corpus from the standard library
-
-# Modules whose import opens a browser or a GUI, prints, touches the terminal, or is a test suite.
-_SKIP_MODULES = {
-    "antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "__hello__", "__phello__",
-    "test", "ensurepip", "lib2to3", "pydoc_data", "readline", "rlcompleter",
-    # with setuptools installed, "import distutils" may load setuptools' copy instead
-    "distutils",
-}
-_SKIP_SUBMODULE_PARTS = {"test", "tests", "idle_test", "__main__"}
-
-MAX_TARGET_CHARS = 200
-MIN_TARGET_WORDS = 3
-# A period after one of these does not end a sentence.
-_ABBREVIATIONS = {"e.g.", "i.e.", "etc.", "vs.", "cf.", "resp.", "approx.", "no.", "mr.", "dr.", "st."}
-# A docstring line that is only a call signature, e.g. "sqrt(x) -> float" (common in C modules).
-_SIGNATURE_LINE = re.compile(r"^(async\s+)?[\w.]+\(.*\)\s*(->.*)?$")
-_DEFAULT_REPR_OK = (type(None), bool, int, float, str, bytes)
-
-
-def _quiet_import(name: str):
-    """Import a module with its prints and warnings swallowed; None if it cannot be imported."""
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            return importlib.import_module(name)
-    except BaseException:  # ImportError, OSError, SystemExit... anything: just skip the module
-        return None
-
-
-def _stdlib_modules() -> list[tuple[str, object]]:
-    """(name, module) for the public stdlib modules and the public submodules of its packages."""
-    modules = []
-    for name in sorted(sys.stdlib_module_names):
-        if name.startswith("_") or name in _SKIP_MODULES:
-            continue
-        module = _quiet_import(name)
-        if module is None:
-            continue
-        modules.append((name, module))
-        if not hasattr(module, "__path__"):
-            continue
-        # Walk the package by listing, importing each public submodule quietly ourselves
-        # (pkgutil.walk_packages would import subpackages without silencing them).
-        pending = [(name, list(module.__path__))]
-        while pending:
-            package, paths = pending.pop()
-            for info in pkgutil.iter_modules(paths):
-                if info.name.startswith("_") or info.name in _SKIP_SUBMODULE_PARTS:
-                    continue
-                full = f"{package}.{info.name}"
-                sub = _quiet_import(full)
-                if sub is None:
-                    continue
-                modules.append((full, sub))
-                if info.ispkg and hasattr(sub, "__path__"):
-                    pending.append((full, list(sub.__path__)))
-    return sorted(modules, key=lambda m: m[0])
-
-
-class _Literal:
-    """Stands in for a default value so the signature prints this text instead of its repr."""
-
-    def __init__(self, text: str):
-        self.text = text
-
-    def __repr__(self) -> str:
-        return self.text
-
-
-def _default_text(value) -> str:
-    # Reprs of objects, sets and long containers carry memory addresses or hash-seed dependent
-    # order, which would make the corpus differ between runs; those print as "...".
-    if isinstance(value, _DEFAULT_REPR_OK):
-        text = repr(value)
-        if len(text) <= 40:
-            return text
-    return "..."
-
-
-def _signature_text(qualname: str, obj) -> str:
-    try:
-        sig = inspect.signature(obj)
-    except (TypeError, ValueError, RecursionError):
-        return f"{qualname}(...)"
-    params = [
-        p if p.default is inspect.Parameter.empty else p.replace(default=_Literal(_default_text(p.default)))
-        for p in sig.parameters.values()
-    ]
-    try:
-        text = str(sig.replace(parameters=params))
-    except Exception:  # unusual annotations can fail to format
-        return f"{qualname}(...)"
-    text = re.sub(r" at 0x[0-9a-fA-F]+", "", text)
-    return f"{qualname}{text}"
-
-
-def _first_sentence(doc: str) -> str:
-    """First sentence of the first paragraph that does not start with a call signature."""
-    # C functions often open with a block of signatures ("int([x]) -> integer\nint(x, base=10)
-    # -> integer") whose lines wrap, so the whole paragraph goes, not just the matching lines.
-    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", doc.strip())]
-    paragraphs = [p for p in paragraphs if p and not _SIGNATURE_LINE.match(p.splitlines()[0].strip())]
-    if not paragraphs:
-        return ""
-    text = " ".join(paragraphs[0].split())
-    for m in re.finditer(r"[.!?](?=\s|$)", text):
-        last_word = text[: m.end()].rsplit(" ", 1)[-1].lower()
-        if last_word in _ABBREVIATIONS or re.fullmatch(r"[a-z]\.", last_word):
-            continue
-        text = text[: m.end()]
-        break
-    if len(text) > MAX_TARGET_CHARS:
-        text = text[:MAX_TARGET_CHARS].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
-    return text
-
-
-def _target_text(qualname: str, obj, input_text: str) -> str | None:
-    # The object's own docstring, not an inherited one: a subclass paired with its base class's
-    # description would be a wrong pair.
-    doc = getattr(obj, "__doc__", None)
-    if not isinstance(doc, str):
-        return None
-    target = _first_sentence(inspect.cleandoc(doc))
-    if len(target.split()) < MIN_TARGET_WORDS:
-        return None
-    # Targets that only restate the signature teach nothing.
-    short_name = qualname.rsplit(".", 1)[-1]
-    # ast nodes, for one, document themselves as their grammar rule: "mod = Module(...) | ...".
-    if target.rstrip(".") in (input_text, qualname) or re.match(rf"^[\w.]*{re.escape(short_name)}\s*[(=]", target):
-        return None
-    return target
-
-
-def _module_members(modname: str, module) -> list[tuple[str, object]]:
-    """(qualified name, object) for public functions, classes and class methods defined in module."""
-    members = []
-    try:
-        names = sorted(vars(module))
-    except TypeError:
-        return members
-    for name in names:
-        if name.startswith("_"):
-            continue
-        obj = vars(module)[name]
-        if not (inspect.isclass(obj) or inspect.isroutine(obj)):
-            continue
-        if getattr(obj, "__module__", None) != modname:  # re-exports are listed where defined
-            continue
-        qualname = f"{modname}.{name}"
-        members.append((qualname, obj))
-        if not inspect.isclass(obj):
-            continue
-        for attr in sorted(vars(obj)):
-            raw = vars(obj)[attr]
-            if attr.startswith("_") or not (inspect.isroutine(raw) or isinstance(raw, (staticmethod, classmethod))):
-                continue
-            try:
-                method = getattr(obj, attr)
-            except Exception:
-                continue
-            members.append((f"{qualname}.{attr}", method))
-    return members
-
-
-def build_stdlib_corpus() -> list[tuple[str, str]]:
-    """(input_text, target_text) pairs from the standard library, sorted, with unique inputs and
-    unique targets. Deterministic for a given Python build (imports every stdlib module: ~seconds)."""
-    candidates = []
-    with warnings.catch_warnings():  # deprecated attributes (typing.io, ...) warn when touched
-        warnings.simplefilter("ignore")
-        for modname, module in _stdlib_modules():
-            for qualname, obj in _module_members(modname, module):
-                try:
-                    input_text = _signature_text(qualname, obj)
-                    target = _target_text(qualname, obj, input_text)
-                except Exception:  # a hostile __doc__ or __signature__ must not stop the build
-                    continue
-                if target:
-                    candidates.append((input_text, target))
-    candidates.sort()
-    pairs, seen_inputs, seen_targets = [], set(), set()
-    for input_text, target in candidates:
-        if input_text in seen_inputs or target in seen_targets:
-            continue
-        seen_inputs.add(input_text)
-        seen_targets.add(target)
-        pairs.append((input_text, target))
-    return pairs
-
-
-# ------------------------------------------------------------------------------------------------
 # Writing
 
 
 def _fixed_size_list(emb: np.ndarray) -> pa.Array:
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     return pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1])
-
-
-def _write_parquet_atomic(table: pa.Table, path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)  # readers see the old file or the whole new one, never a part
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_corpus(path, teacher: Teacher, pairs: list[tuple[str, str]] | None = None) -> Path:
@@ -280,16 +66,9 @@ def write_corpus(path, teacher: Teacher, pairs: list[tuple[str, str]] | None = N
             "target_emb": _fixed_size_list(emb[len(inputs) :]),
         }
     ).replace_schema_metadata({"teacher": teacher.teacher_id, "embed_dim": str(teacher.embed_dim)})
-    _write_parquet_atomic(table, path)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
     logger.info("wrote %d pairs embedded by %s to %s", len(pairs), teacher.teacher_id, path)
     return path
-
-
-def default_corpus_path(teacher_id: str = DEFAULT_TEACHER) -> Path:
-    """Where the stdlib corpus is cached; one file per teacher, since it holds its embeddings."""
-    if teacher_id == DEFAULT_TEACHER:
-        return default_cache_dir() / "corpus" / "stdlib_pairs.parquet"
-    return default_cache_dir() / "corpus" / f"stdlib_pairs.{_safe_dirname(teacher_id)}.parquet"
 
 
 def ensure_corpus(path=None, teacher: Teacher | None = None) -> Path:

@@ -22,8 +22,8 @@ from torch import Tensor
 
 from model import EnergyLattice, lattice_loss
 
-from .checkpoint import atomic_write
 from .data import Split
+from .files import atomic_write
 from .teacher import default_cache_dir
 
 
@@ -221,7 +221,6 @@ def baselines(train: Split, val: Split) -> dict[str, float]:
         with contextlib.suppress(ValueError, OSError):
             return json.loads(path.read_text())
     out = compute_baselines(train, val)
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(out)))
     return out
 

@@ -358,13 +358,13 @@ DDP_STEPS = 3
 
 
 def _ddp_config(device_type: str) -> dict[str, Any]:
-    from .config import config_to_dict, make_config
+    from .config import make_config
     precision = "bf16-mixed" if device_type == "cuda" else "fp32"
     cfg = make_config("smoke", {"device": device_type, "batch_size": 8, "val_max_samples": 16, "warmup_steps": 1,
                                 "log_every": 1, "val_every": DDP_STEPS, "checkpoint_every": DDP_STEPS,
                                 "decode_examples": 0, "max_steps": DDP_STEPS, "model.precision": precision,
                                 "model.activation_checkpointing": True, "model.saved_state_dtype": "bf16"})
-    return config_to_dict(cfg)
+    return dataclasses.asdict(cfg)
 
 
 def _ddp_worker(rank: int, world_size: int, rendezvous: str, device_type: str, config: dict[str, Any],
@@ -440,7 +440,9 @@ def part_ddp(env: CheckEnv, figures: dict[str, Any]) -> tuple[bool, str]:
 # Part 5: planner against the allocator
 
 def part_planner(env: CheckEnv, figures: dict[str, Any]) -> tuple[bool, str]:
-    from .planner import EXPANDABLE_SEGMENTS, measure_peak_bytes, plan_batch
+    from .memory import EXPANDABLE_SEGMENTS
+    from .memory_measure import measure_peak_bytes
+    from .planner import plan_batch
 
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
@@ -597,7 +599,7 @@ def run_gpu_check(device: str = "cuda", *, quick: bool = False, data_path: str |
         if not torch.cuda.is_available():
             raise ValueError("--device cuda: torch sees no CUDA device here; run with --device cpu for the CPU version")
         # Both are read when CUDA starts, which nothing here has done yet.
-        from .planner import use_expandable_segments
+        from .memory import use_expandable_segments
         use_expandable_segments()
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     data = check_data(data_path, quick)

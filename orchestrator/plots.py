@@ -35,7 +35,7 @@ def make_plots(model: EnergyLattice, sample_embedding: torch.Tensor, losses: lis
         ax.set_title(title)
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle("deposited energy, one validation sample")
-    paths.append(_save(fig, out_dir / "output_surfaces.png"))
+    paths.append(save_figure(fig, out_dir / "output_surfaces.png"))
 
     fig, ax = plt.subplots(figsize=(5, 4))
     steps = out.trace.sample0_paths
@@ -53,7 +53,7 @@ def make_plots(model: EnergyLattice, sample_embedding: torch.Tensor, losses: lis
     ax.axhline(-1, color="grey", linestyle="--")
     ax.axhline(1, color="grey", linestyle="--")
     ax.set(xlabel="x", ylabel="z", xlim=(-1.05, 1.05), ylim=(-1.1, 1.1), title="flow paths (x-z)")
-    paths.append(_save(fig, out_dir / "flow_paths_xz.png"))
+    paths.append(save_figure(fig, out_dir / "flow_paths_xz.png"))
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     curve = out.stats.completion_curve
@@ -62,20 +62,20 @@ def make_plots(model: EnergyLattice, sample_embedding: torch.Tensor, losses: lis
     ax.set(xlabel="flow step", ylabel="completion (arrived / created)", ylim=(0, 1.05),
            title=f"completion ({out.stats.stop_reason} after {out.stats.steps_used} steps)")
     ax.legend()
-    paths.append(_save(fig, out_dir / "completion_curve.png"))
+    paths.append(save_figure(fig, out_dir / "completion_curve.png"))
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     if losses:
         ax.plot([s for s, _ in losses], [v for _, v in losses])
     ax.set(xlabel="step", ylabel="training loss (1 - cosine)", title="loss")
-    paths.append(_save(fig, out_dir / "loss_curve.png"))
+    paths.append(save_figure(fig, out_dir / "loss_curve.png"))
     return paths
 
 
 def validation_plot(cosine: list[tuple[int, float]], top1: list[tuple[int, float]], baselines: dict[str, float],
                     path: str | Path) -> Path:
     """Write validation_figure(...) to `path`."""
-    return _save(validation_figure(cosine, top1, baselines), Path(path))
+    return save_figure(validation_figure(cosine, top1, baselines), Path(path))
 
 
 def validation_figure(cosine: list[tuple[int, float]], top1: list[tuple[int, float]], baselines: dict[str, float]):
@@ -125,10 +125,12 @@ def parallel_coordinates(trials: list[dict], params: list[str], path: str | Path
     ax.set_xticks(range(len(columns)), [f"{n}\n{col[1]}" for n, col in zip(columns, scaled)], fontsize=7)
     ax.set_yticks([])
     ax.set_title(f"sampled params vs {metric} ({len(scored)} scored trials)")
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Write a figure as the PNG every plot of the project is (its layout tightened, 90 dpi) and
+    close it, so a long run does not keep every figure it drew."""
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -42,7 +42,7 @@ matplotlib.use("Agg")  # headless: the sweep driver runs where there is no displ
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .plots import _save, parallel_coordinates  # noqa: E402
+from .plots import parallel_coordinates, save_figure  # noqa: E402
 
 MIN_TRIALS = 3  # below this, no variance can be split between groups
 MAX_BINS = 10
@@ -223,7 +223,7 @@ def quality_vs_time_plot(trials: list[dict], path: str | Path, quality: str = "v
     else:
         ax.text(0.5, 0.5, f"no trial has both {quality} and {cost}", ha="center", va="center", transform=ax.transAxes)
     ax.set(xlabel=cost, ylabel=quality, title=f"{quality} vs {cost} ({len(points)} trials)")
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def importance_plot(importance: dict[str, float], path: str | Path) -> Path:
@@ -240,7 +240,7 @@ def importance_plot(importance: dict[str, float], path: str | Path) -> Path:
         ax.text(0.5, 0.5, reason, ha="center", va="center", wrap=True, fontsize=8, transform=ax.transAxes)
         ax.set_yticks([])
     ax.set(xlabel="share of the variance the sampled parameters explain", title="parameter importance")
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def write_report(trials: list[dict], metric: str, out_dir: str | Path) -> dict:

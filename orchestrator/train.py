@@ -22,7 +22,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from .config import TrainConfig, config_from_dict, resolved, run_tags
 from .context import LocalContext, RunContext, Tracker
 from .data import PairDataset, Split, ensure_corpus, load_dataset, shard, validation_rows
 from .evaluation import Decoded, baselines, evaluate, example_rows, finish_metrics, text_metrics
-from .planner import keep_freed_memory, use_expandable_segments
+from .memory import keep_freed_memory, peak_memory_bytes, reset_peak_memory, use_expandable_segments
 from .plots import make_plots
 from .tracking import VALIDATION_KEYS, log_config
 
@@ -172,10 +172,6 @@ def use_deterministic_algorithms() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _unwrap(model: nn.Module) -> EnergyLattice:
-    return model.module if hasattr(model, "module") else model
-
-
 def _maybe_crash(cfg: TrainConfig, step: int, ctx: RunContext) -> None:
     """Test-only fault: kill this process once at `fault_crash_at_step` (rank 0 only)."""
     if cfg.fault_crash_at_step != step or ctx.rank != 0 or ctx.fault_marker_dir() is None:
@@ -236,6 +232,46 @@ def _validate(model: EnergyLattice, val: Split, cfg: TrainConfig, ctx: RunContex
     return {(k if k in VALIDATION_KEYS else f"val_{k}"): v for k, v in merged.items()}, texts
 
 
+@dataclass
+class TrainingRun:
+    """What one call of train_loop holds: the steps below each read and update it."""
+    cfg: TrainConfig                       # resolved
+    ctx: RunContext
+    tracker: Tracker                       # rank 0's, or the do-nothing Tracker()
+    device: torch.device
+    data: PairDataset
+    train_rows: Split                      # this rank's training rows
+    val: Split                             # the validation rows, on every rank
+    train_inputs: torch.Tensor
+    train_targets: torch.Tensor
+    model: EnergyLattice
+    ddp_model: nn.Module                   # the model as the context wrapped it (DDP across workers)
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    scaler: torch.amp.GradScaler
+    stream: BatchStream
+    step: int = 0
+    baselines: dict[str, float] = field(default_factory=dict)  # rank 0 only
+    status: str = "completed"
+    last_val: dict[str, float] = field(default_factory=dict)
+    validated_at: int | None = None
+    last_checkpoint: Any = None
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
+    window_start: float = 0.0              # throughput since the last training-metrics line
+    window_samples: int = 0
+
+
+@dataclass
+class StepResult:
+    """One optimizer step's figures, summed over its micro-batches (steps_used, completion, spawned)."""
+    loss: float
+    lr: float
+    grad_norm: float
+    steps_used: float
+    completion: float
+    spawned: torch.Tensor
+
+
 def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = None,
                tracker: Tracker | None = None, data: PairDataset | None = None,
                init_state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
@@ -245,6 +281,23 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
     the loop loads `config.data_path` and takes this rank's share itself. `init_state` holds model
     weights to start from when there is no checkpoint to resume (e.g. the previous scaling stage's).
     """
+    run = _setup(config, ctx, tracker, data)
+    _resume_or_init(run, init_state)
+    _start(run, given_weights=init_state is not None)
+    while run.step < run.cfg.max_steps:
+        run.step += 1
+        result = _optimizer_step(run)
+        if result is None:  # a non-finite loss: stopped before the bad update
+            break
+        _log_training(run, result)
+        _validate_and_checkpoint(run, result.loss)
+    return _finish(run)
+
+
+def _setup(config: TrainConfig | dict[str, Any], ctx: RunContext | None, tracker: Tracker | None,
+           data: PairDataset | None) -> TrainingRun:
+    """The config resolved (once: everything below takes the resolved dataclass), the process
+    prepared, this rank's data on the device, the model and its optimizer, schedule and scaler."""
     cfg = resolved(config if isinstance(config, TrainConfig) else config_from_dict(config))
     ctx = ctx or LocalContext(Path("runs") / cfg.preset, keep=cfg.keep_checkpoints)
     tracker = tracker if (tracker is not None and ctx.rank == 0) else Tracker()
@@ -262,156 +315,195 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
         train_rows = shard(data.train, ctx.rank, ctx.world_size)
     else:  # a launcher sharded it already
         train_rows = data.train
-    val = validation_rows(data, cfg.val_max_samples)
-    train_inputs = torch.from_numpy(train_rows.input_emb).to(device)
-    train_targets = torch.from_numpy(train_rows.target_emb).to(device)
 
     model = EnergyLattice(cfg.model).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    schedule = LRSchedule(cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.model.precision == "fp16-mixed")
-    stream = BatchStream(len(train_rows), cfg.batch_size, cfg.seed * 1009 + ctx.rank, device)
-    step = 0
+    return TrainingRun(
+        cfg=cfg, ctx=ctx, tracker=tracker, device=device, data=data, train_rows=train_rows,
+        val=validation_rows(data, cfg.val_max_samples),
+        train_inputs=torch.from_numpy(train_rows.input_emb).to(device),
+        train_targets=torch.from_numpy(train_rows.target_emb).to(device),
+        model=model, ddp_model=model, optimizer=optimizer, schedule=LRSchedule(cfg),
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg.model.precision == "fp16-mixed"),
+        stream=BatchStream(len(train_rows), cfg.batch_size, cfg.seed * 1009 + ctx.rank, device))
 
-    resumed = ctx.resume_state()
+
+def _resume_or_init(run: TrainingRun, init_state: dict[str, torch.Tensor] | None) -> None:
+    """Resume from the context's checkpoint (model, optimizer, schedule, scaler, data position, step,
+    RNG), else start from `init_state` if given; then let the context wrap the model (DDP)."""
+    resumed = run.ctx.resume_state()
     if resumed is not None:
         state, source = resumed
-        check_compatible(state, cfg.model, source=f"checkpoint {source}")
-        model.load_state_dict(state["model"])
+        check_compatible(state, run.cfg.model, source=f"checkpoint {source}")
+        run.model.load_state_dict(state["model"])
         if "optimizer" in state:  # a weights-only checkpoint (model + config) restarts the optimizer
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
-            _load_scaler(scaler, state["scaler"], state["model_config"].get("precision", "fp32"))
-            stream.load_state_dict(state["data"][ctx.rank] if ctx.rank < len(state["data"]) else state["data"][0])
-            step = int(state["step"])
-            _set_rng_state(state["rng"][min(ctx.rank, len(state["rng"]) - 1)])
-        log.info("resumed from %s at step %d", source, step)
+            rank = run.ctx.rank
+            run.optimizer.load_state_dict(state["optimizer"])
+            run.schedule.load_state_dict(state["schedule"])
+            _load_scaler(run.scaler, state["scaler"], state["model_config"].get("precision", "fp32"))
+            run.stream.load_state_dict(state["data"][rank] if rank < len(state["data"]) else state["data"][0])
+            run.step = int(state["step"])
+            _set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
+        log.info("resumed from %s at step %d", source, run.step)
     elif init_state is not None:
-        model.load_state_dict(init_state)
-    ddp_model = ctx.wrap_model(model)
+        run.model.load_state_dict(init_state)
+    run.ddp_model = run.ctx.wrap_model(run.model)
 
-    base = (data.baselines or baselines(data.train, val)) if ctx.rank == 0 else {}
+
+def _start(run: TrainingRun, given_weights: bool) -> None:
+    """A new run records its config, tags and baselines and validates its starting point, which
+    every later validation is compared with; a resumed one only says where it stands."""
+    cfg, ctx, tracker, model = run.cfg, run.ctx, run.tracker, run.model
+    run.baselines = (run.data.baselines or baselines(run.data.train, run.val)) if ctx.rank == 0 else {}
     # Which rows each rank trains on (count and fingerprint), so a run shows its sharding.
-    shards = _all_gather([ctx.rank, len(train_rows), _fingerprint(train_rows.input_texts)])
-    if step == 0:
+    shards = _all_gather([ctx.rank, len(run.train_rows), _fingerprint(run.train_rows.input_texts)])
+    if run.step == 0:
         tracker.log_params(flatten(cfg))
         log_config(tracker, asdict(cfg))
         tracker.set_tags({**run_tags(cfg, ctx.world_size), "data_shards": json.dumps(shards),
                           "init_weights": state_fingerprint(model.state_dict()),
-                          "init_source": "given weights" if init_state is not None else "random"})
-        tracker.log_metrics({**base, "parameters": count_parameters(model)}, step=0)
+                          "init_source": "given weights" if given_weights else "random"})
+        tracker.log_metrics({**run.baselines, "parameters": count_parameters(model)}, step=0)
     log.info("training %s: %d parameters, %d train rows on this worker, %d validation rows, device %s",
-             cfg.preset, count_parameters(model), len(train_rows), len(val), device)
+             cfg.preset, count_parameters(model), len(run.train_rows), len(run.val), run.device)
+    if run.step == 0:
+        run.last_val, _ = _validate(model, run.val, cfg, ctx, run.device)
+        run.validated_at = 0
+        tracker.log_metrics(run.last_val, step=0)
+    run.window_start, run.window_samples = time.perf_counter(), 0
 
-    status, last_val, validated_at, last_checkpoint = "completed", {}, None, None
-    loss_history: list[tuple[int, float]] = []
-    if step == 0:  # the starting point every later validation is compared with
-        last_val, _ = _validate(model, val, cfg, ctx, device)
-        validated_at = 0
-        tracker.log_metrics(last_val, step=0)
-    window_start, window_samples = time.perf_counter(), 0
-    while step < cfg.max_steps:
-        step += 1
-        _maybe_crash(cfg, step, ctx)
-        lr = schedule.lr(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
 
-        # Accumulated on the device: a host read per micro-batch would stall the GPU each time.
-        loss_sum, spawned = torch.zeros((), device=device), torch.zeros((), device=device)
-        flow_steps, completion = 0, 0.0
-        for micro in range(cfg.grad_accum_steps):
-            idx = stream.next()
-            sync = micro == cfg.grad_accum_steps - 1 or not hasattr(ddp_model, "no_sync")
-            with (contextlib.nullcontext() if sync else ddp_model.no_sync()):
-                out = ddp_model(train_inputs[idx])
-                loss = lattice_loss(out, train_targets[idx], cfg.model) / cfg.grad_accum_steps
-                if cfg.fault_nan_loss_at_step == step:
-                    loss = loss * float("nan")
-                scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-            flow_steps += out.stats.steps_used
-            completion += out.stats.completion
-            spawned += out.stats.spawned.float().mean()
-        loss_value, diverged = _step_check(loss_sum)
+def _optimizer_step(run: TrainingRun) -> StepResult | None:
+    """One optimizer step at run.step: grad_accum_steps micro-batches, then clipping and the update.
 
-        if diverged:
-            status = "diverged"
-            step -= 1  # the update was not applied
-            log.error("non-finite loss at step %d; stopping with status 'diverged'", step + 1)
-            optimizer.zero_grad(set_to_none=True)
-            break
+    Returns None, with run.status "diverged" and run.step back at the last applied step, when the
+    loss of any rank is not finite; the update is not applied then."""
+    cfg, step, device = run.cfg, run.step, run.device
+    _maybe_crash(cfg, step, run.ctx)
+    lr = run.schedule.lr(step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    if device.type == "cuda":  # a peak per step there; on CPU the process's peak RSS, which cannot be reset cheaply
+        reset_peak_memory(device)
 
-        scaler.unscale_(optimizer)
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        window_samples += cfg.batch_size * cfg.grad_accum_steps * ctx.world_size
+    # Accumulated on the device: a host read per micro-batch would stall the GPU each time.
+    loss_sum, spawned = torch.zeros((), device=device), torch.zeros((), device=device)
+    steps_used, completion = 0, 0.0
+    for micro in range(cfg.grad_accum_steps):
+        idx = run.stream.next()
+        sync = micro == cfg.grad_accum_steps - 1 or not hasattr(run.ddp_model, "no_sync")
+        with (contextlib.nullcontext() if sync else run.ddp_model.no_sync()):
+            out = run.ddp_model(run.train_inputs[idx])
+            loss = lattice_loss(out, run.train_targets[idx], cfg.model) / cfg.grad_accum_steps
+            if cfg.fault_nan_loss_at_step == step:
+                loss = loss * float("nan")
+            run.scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+        steps_used += out.stats.steps_used
+        completion += out.stats.completion
+        spawned += out.stats.spawned.float().mean()
+    loss_value, diverged = _step_check(loss_sum)
 
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            elapsed = time.perf_counter() - window_start
-            n_micro = cfg.grad_accum_steps
-            peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_bytes()) / 2**30
-            # The caching allocator's reserve is what the GPU's memory must hold: allocated + its slack.
-            reserved = {"peak_mem_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30} \
-                if device.type == "cuda" else {}
-            tracker.log_metrics({
-                "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                "steps_used": flow_steps / n_micro, "completion": completion / n_micro,
-                "spawned_per_sample": float(spawned) / n_micro, "samples_per_s": window_samples / max(elapsed, 1e-9),
-                "step_time_s": elapsed / max(1, window_samples // (cfg.batch_size * n_micro * ctx.world_size)),
-                "peak_mem_gb": peak, **reserved}, step=step)
-            window_start, window_samples = time.perf_counter(), 0
-            loss_history.append((step, loss_value))
+    if diverged:
+        run.status = "diverged"
+        run.step -= 1  # the update was not applied
+        log.error("non-finite loss at step %d; stopping with status 'diverged'", step)
+        run.optimizer.zero_grad(set_to_none=True)
+        return None
 
-        final = step == cfg.max_steps
-        checkpoint_now = final or step % cfg.checkpoint_every == 0
-        validate_now = checkpoint_now or step % cfg.val_every == 0  # every checkpoint carries its score
-        if validate_now:
-            last_val, texts = _validate(model, val, cfg, ctx, device)
-            validated_at = step
-            schedule.on_validation(step, last_val["val_loss"])
-            tracker.log_metrics(last_val, step=step)
-            if final or step % cfg.decode_every == 0:
-                tracker.log_table(example_rows(texts, val, cfg.decode_examples), f"decoded/step_{step:08d}.json")
-            log.info("step %d: loss %.4f val cosine %.4f top1 %.3f bleu %.2f, lattice alone %.4f, gain over skip "
-                     "%.4f (ridge %.4f, kernel ridge %.4f, identity %.4f)",
-                     step, loss_value, last_val["val_cosine"], last_val["val_top1"], last_val["val_bleu"],
-                     last_val["val_cosine_lattice_only"], last_val["lattice_gain"],
-                     base.get("baseline_ridge_cosine", float("nan")),
-                     base.get("baseline_kernel_ridge_cosine", float("nan")),
-                     base.get("baseline_identity_cosine", float("nan")))
-        elif step % cfg.decode_every == 0 and cfg.decode_examples:
-            texts = _decode_examples(model, val, cfg, device)
-            tracker.log_table(example_rows(texts, val, cfg.decode_examples), f"decoded/step_{step:08d}.json")
-        if validate_now or checkpoint_now:
-            state = None
-            if checkpoint_now:
-                states = _all_gather((stream.state_dict(), _rng_state()))
-                if ctx.rank == 0:
-                    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                             "data": [s[0] for s in states], "rng": [s[1] for s in states],
-                             "model_config": asdict(cfg.model), "train_config": flatten(cfg)}
-            path = ctx.report(step, {"step": step, "loss": loss_value, **last_val}, state)
-            last_checkpoint = path or last_checkpoint
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or float("inf"))
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.window_samples += cfg.batch_size * cfg.grad_accum_steps * run.ctx.world_size
+    return StepResult(loss_value, lr, float(grad_norm), steps_used, completion, spawned)
 
-    if validated_at is None:  # resumed a run that had already finished: report where it stands
-        last_val, _ = _validate(model, val, cfg, ctx, device)
-    last_checkpoint = last_checkpoint or ctx.latest_checkpoint()  # e.g. diverged: the last good one
+
+def _log_training(run: TrainingRun, result: StepResult) -> None:
+    """Training metrics every log_every steps and at the last: loss, lr, flow figures per micro-batch,
+    throughput since the last such line, and peak memory."""
+    cfg, step, device = run.cfg, run.step, run.device
+    if not (step % cfg.log_every == 0 or step == cfg.max_steps):
+        return
+    elapsed = time.perf_counter() - run.window_start
+    n_micro = cfg.grad_accum_steps
+    # The caching allocator's reserve is what the GPU's memory must hold: allocated + its slack.
+    reserved = {"peak_mem_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30} \
+        if device.type == "cuda" else {}
+    run.tracker.log_metrics({
+        "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+        "steps_used": result.steps_used / n_micro, "completion": result.completion / n_micro,
+        "spawned_per_sample": float(result.spawned) / n_micro,
+        "samples_per_s": run.window_samples / max(elapsed, 1e-9),
+        "step_time_s": elapsed / max(1, run.window_samples // (cfg.batch_size * n_micro * run.ctx.world_size)),
+        "peak_mem_gb": peak_memory_bytes(device) / 2**30, **reserved}, step=step)
+    run.window_start, run.window_samples = time.perf_counter(), 0
+    run.loss_history.append((step, result.loss))
+
+
+def _validate_and_checkpoint(run: TrainingRun, loss_value: float) -> None:
+    """Validation every val_every steps, a checkpoint every checkpoint_every steps, both at the last
+    step; every checkpoint carries its validation score. Decoded-example tables every decode_every
+    steps. Each validation or checkpoint is reported to the context (Tune, Ray Train, a folder)."""
+    cfg, ctx, step, val = run.cfg, run.ctx, run.step, run.val
+    final = step == cfg.max_steps
+    checkpoint_now = final or step % cfg.checkpoint_every == 0
+    validate_now = checkpoint_now or step % cfg.val_every == 0
+    if validate_now:
+        run.last_val, texts = _validate(run.model, val, cfg, ctx, run.device)
+        run.validated_at = step
+        run.schedule.on_validation(step, run.last_val["val_loss"])
+        run.tracker.log_metrics(run.last_val, step=step)
+        if final or step % cfg.decode_every == 0:
+            run.tracker.log_table(example_rows(texts, val, cfg.decode_examples), f"decoded/step_{step:08d}.json")
+        base = run.baselines
+        log.info("step %d: loss %.4f val cosine %.4f top1 %.3f bleu %.2f, lattice alone %.4f, gain over skip "
+                 "%.4f (ridge %.4f, kernel ridge %.4f, identity %.4f)",
+                 step, loss_value, run.last_val["val_cosine"], run.last_val["val_top1"], run.last_val["val_bleu"],
+                 run.last_val["val_cosine_lattice_only"], run.last_val["lattice_gain"],
+                 base.get("baseline_ridge_cosine", float("nan")),
+                 base.get("baseline_kernel_ridge_cosine", float("nan")),
+                 base.get("baseline_identity_cosine", float("nan")))
+    elif step % cfg.decode_every == 0 and cfg.decode_examples:
+        texts = _decode_examples(run.model, val, cfg, run.device)
+        run.tracker.log_table(example_rows(texts, val, cfg.decode_examples), f"decoded/step_{step:08d}.json")
+    if not validate_now:
+        return
+    state = _checkpoint_state(run) if checkpoint_now else None
+    path = ctx.report(step, {"step": step, "loss": loss_value, **run.last_val}, state)
+    run.last_checkpoint = path or run.last_checkpoint
+
+
+def _checkpoint_state(run: TrainingRun) -> dict[str, Any] | None:
+    """Everything a resume needs, gathered from every rank (data position, RNG); None off rank 0."""
+    states = _all_gather((run.stream.state_dict(), _rng_state()))
+    if run.ctx.rank != 0:
+        return None
+    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "schedule": run.schedule.state_dict(), "scaler": run.scaler.state_dict(), "step": run.step,
+            "data": [s[0] for s in states], "rng": [s[1] for s in states],
+            "model_config": asdict(run.cfg.model), "train_config": flatten(run.cfg)}
+
+
+def _finish(run: TrainingRun) -> dict[str, Any]:
+    """The run's plots and summary: to the tracker, and to the context from every rank, so the
+    launcher learns how the run ended."""
+    cfg, ctx, tracker, val = run.cfg, run.ctx, run.tracker, run.val
+    if run.validated_at is None:  # resumed a run that had already finished: report where it stands
+        run.last_val, _ = _validate(run.model, val, cfg, ctx, run.device)
+    last_checkpoint = run.last_checkpoint or ctx.latest_checkpoint()  # e.g. diverged: the last good one
     if ctx.rank == 0 and len(val) and _keeps_artifacts(tracker):
         with tempfile.TemporaryDirectory() as tmp:
-            sample = torch.from_numpy(val.input_emb[:1]).to(device)
-            for path in make_plots(model, sample, loss_history, tmp):
+            sample = torch.from_numpy(val.input_emb[:1]).to(run.device)
+            for path in make_plots(run.model, sample, run.loss_history, tmp):
                 tracker.log_artifact(path, "plots")
+    last_val = run.last_val
     summary = {
-        "status": status, "steps": step,
+        "status": run.status, "steps": run.step,
         "val_cosine": last_val.get("val_cosine"), "val_top1": last_val.get("val_top1"),
         "val_bleu": last_val.get("val_bleu"), "val_loss": last_val.get("val_loss"),
         **{k: last_val.get(k) for k in ("lattice_gain", "val_cosine_skip_only", "val_cosine_lattice_only",
@@ -419,10 +511,10 @@ def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = No
         "mean_steps_used": last_val.get("val_steps_used"), "completion": last_val.get("val_completion"),
         "max_flow_steps": cfg.model.max_steps,
         "checkpoint": str(last_checkpoint) if last_checkpoint else None,
-        **{k: v for k, v in base.items()},
+        **{k: v for k, v in run.baselines.items()},
     }
-    tracker.finish(status, summary)
-    ctx.report(step, {"step": step, **summary}, None)  # every rank, so the launcher learns how the run ended
+    tracker.finish(run.status, summary)
+    ctx.report(run.step, {"step": run.step, **summary}, None)
     return summary
 
 
@@ -448,9 +540,3 @@ def _decode_examples(model: EnergyLattice, val: Split, cfg: TrainConfig, device:
     rows = slice(0, cfg.decode_examples)
     _, decoded, _ = evaluate(model, val, batch_size=cfg.batch_size, device=device, seed=cfg.seed + 7919, rows=rows)
     return decoded.texts(val)
-
-
-def _rss_bytes() -> int:
-    """Peak resident set size of this process (Linux reports ru_maxrss in KiB)."""
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

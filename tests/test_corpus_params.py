@@ -97,7 +97,7 @@ def test_builder_is_deterministic_caps_and_skips_missing_packages(small_corpus):
 def test_data_build_takes_the_params_corpus_and_defaults_to_stdlib():
     from orchestrator.cli import build_parser
     from orchestrator.corpus_params import default_parameter_corpus_path
-    from orchestrator.data import default_corpus_path
+    from orchestrator.corpus_stdlib import default_corpus_path
 
     parser = build_parser()
     assert parser.parse_args(["data", "build"]).corpus == "stdlib"

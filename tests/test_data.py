@@ -14,11 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from orchestrator.corpus_stdlib import build_stdlib_corpus, default_corpus_path
 from orchestrator.data import (
     DatasetError,
     PairDataset,
-    build_stdlib_corpus,
-    default_corpus_path,
     ensure_corpus,
     load_dataset,
     shard,

@@ -98,7 +98,7 @@ def test_memory_share_of_a_gpu_is_the_fraction_held():
 
 @pytest.mark.ray
 def test_worker_memory_budget_is_probed_by_a_ray_task(ray_instance):
-    from orchestrator.planner import available_memory_bytes
+    from orchestrator.memory import available_memory_bytes
     from orchestrator.ray_train import worker_memory_budget
     budget = worker_memory_budget(1, 0, sharing=2)
     assert 0 < budget <= available_memory_bytes("cpu")

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from model import PRESETS, EnergyLattice, count_parameters, flow_step_flops, preset, run_flows
-from orchestrator.planner import (GiB, _carrier_parameters, _parameters, MemoryBudgetError, available_memory_bytes, estimate_peak_bytes,
-                                  measure_peak_bytes, plan_batch)
+from orchestrator.memory import available_memory_bytes
+from orchestrator.memory_measure import measure_peak_bytes
+from orchestrator.planner import (GiB, MemoryBudgetError, carrier_parameter_count, estimate_peak_bytes,
+                                  parameter_count, plan_batch)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,8 +33,8 @@ def test_planner_parameter_counts_match_the_model(name):
     cfg = preset(name).resolved()
     with torch.device("meta"):
         model = EnergyLattice(cfg)
-    assert _parameters(cfg) == count_parameters(model)
-    assert _carrier_parameters(cfg) == count_parameters(model.carrier)
+    assert parameter_count(cfg) == count_parameters(model)
+    assert carrier_parameter_count(cfg) == count_parameters(model.carrier)
 
 
 def test_flop_counter_matches_a_hand_count():

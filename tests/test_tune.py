@@ -12,7 +12,8 @@ from mlflow import MlflowClient
 
 from orchestrator.config import make_config
 from orchestrator.tracking import compare_runs
-from orchestrator.tune import SpaceError, Sweep, asha_limits, load_space, run_sweep
+from orchestrator.search_space import SpaceError, load_space
+from orchestrator.tune import Sweep, asha_limits, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 SPACES = REPO / "tune_spaces"
