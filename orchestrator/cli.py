@@ -90,8 +90,8 @@ def _train_local(cfg, args) -> int:
 
     from .config import run_tags
     from .console import ConsoleTracker
-    from .context import FileTracker, LocalContext, TrackerGroup
-    from .tracking import MlflowTracker, finish_run, resolve_tracking_uri, start_run
+    from .context import FileTracker, LocalContext, TrackerGroup, best_checkpoint
+    from .tracking import TrackedRun, resolve_tracking_uri
     from .train import train_loop
 
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -99,16 +99,15 @@ def _train_local(cfg, args) -> int:
     print(f"training {cfg.preset} in this process; every log line goes to {out / 'train.log'}", flush=True)
     ctx = LocalContext(out, resume_from=args.resume, keep=cfg.keep_checkpoints)
     console = ConsoleTracker(cfg.max_steps, validates_every=(cfg.val_every, cfg.checkpoint_every))
-    tracker, run_id, uri = TrackerGroup(FileTracker(out), console), None, None
+    tracker, run = TrackerGroup(FileTracker(out), console), None
     if not args.no_mlflow:
-        uri = resolve_tracking_uri(args.mlflow_uri)
-        run_id = start_run(uri, args.experiment, out.name, params=flatten(cfg), tags=run_tags(cfg, 1))
-        tracker = TrackerGroup(tracker, MlflowTracker(uri, run_id))
-    summary = train_loop(cfg, ctx, tracker)
-    if run_id:
-        summary["model_version"] = finish_run(uri, run_id, summary["status"], ctx.best_checkpoint(),
-                                              tags=run_tags(cfg, 1))
-        summary.update(mlflow_run_id=run_id, tracking_uri=uri)
+        run = TrackedRun.open(resolve_tracking_uri(args.mlflow_uri), args.experiment, out.name, params=flatten(cfg),
+                              tags=run_tags(cfg, 1))
+        tracker = TrackerGroup(tracker, run.tracker())
+    untracked_summary = train_loop(cfg, ctx, tracker)
+    # A tracked run's summary comes from its close, as every launcher's does; without MLflow the
+    # loop's return value is all there is.
+    summary = run.close(best_checkpoint(ctx.checkpoints())) if run is not None else untracked_summary
     summary["out_dir"] = str(out)
     _write_json(out / "summary.json", summary)
     if args.summary_json:

@@ -24,14 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from model import PRESETS, EnergyLattice
+from model.config import ConfigError
 from model.transfer import transfer
 
 from .config import TrainConfig, make_config, parse_sets
 from .console import tool_command
-from .ray_train import (Launch, alive_node_count, check_gpu_share, connect, ray_logs_dir, run_ray_train,
-                        worker_memory_budget)
-from .tracking import (REGISTERED_MODEL, browse_lines, check_tracking_uri, child_runs, client_for, end_run,
-                       experiment_id, load_registered_model, resolve_tracking_uri, run_metric, start_run)
+from .ray_train import (Launch, WorkerBudget, alive_node_count, check_gpu_share, connect, ray_logs_dir, run_ray_train,
+                        with_planned_batch)
+from .tracking import (REGISTERED_MODEL, TrackedRun, browse_lines, check_tracking_uri, child_runs, client_for,
+                       experiment_id, load_registered_model, resolve_tracking_uri, run_metric)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class ScalingJob:
         check_gpu_share(self.workers, self.gpus_per_worker)
 
 
-class IncompatibleStagesError(ValueError):
+class IncompatibleStagesError(ConfigError):
     """A stage whose model cannot start from the previous stage's weights."""
 
 
@@ -79,7 +80,8 @@ def incompatible_stages(configs: dict[str, TrainConfig], stages: list[str]) -> d
     return problems
 
 
-def _find_or_start_parent(uri: str, job: ScalingJob) -> tuple[str, bool]:
+def _find_or_open_parent(uri: str, job: ScalingJob) -> tuple[TrackedRun, bool]:
+    """The job's parent run: the unfinished one of these stages if there is one (a restart), else a new one."""
     client = client_for(uri)
     exp = client.get_experiment_by_name(job.experiment)
     stages = ",".join(job.stages)
@@ -87,12 +89,11 @@ def _find_or_start_parent(uri: str, job: ScalingJob) -> tuple[str, bool]:
         runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], filter_string=(
             f"tags.kind = '{JOB_KIND}' and tags.stages = '{stages}' and attributes.status = 'RUNNING'"))
         if runs:
-            return runs[0].info.run_id, True
+            return TrackedRun(uri, runs[0].info.run_id), True
     settings = {k: v for k, v in dataclasses.asdict(job).items() if k != "sets"}
     params = {**{f"job.{k}": v for k, v in settings.items()}, **{f"set.{k}": v for k, v in job.sets.items()}}
-    run_id = start_run(uri, job.experiment, f"progressive-{stages}", params=params,
-                       tags={"kind": JOB_KIND, "stages": stages})
-    return run_id, False
+    return TrackedRun.open(uri, job.experiment, f"progressive-{stages}", params=params,
+                           tags={"kind": JOB_KIND, "stages": stages}), False
 
 
 def _row(preset: str, run, *, skipped: bool, checkpoint: str | None = None) -> dict[str, Any]:
@@ -110,14 +111,12 @@ def _row(preset: str, run, *, skipped: bool, checkpoint: str | None = None) -> d
 
 def run_job(job: ScalingJob) -> dict[str, Any]:
     """Run (or resume) the job; return its summary with one row per stage."""
-    from .planner import plan_batch
-
     unknown = [s for s in job.stages if s not in PRESETS]
     if unknown:
-        raise ValueError(f"unknown stage preset(s) {unknown}; choose from {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown stage preset(s) {unknown}; choose from {', '.join(PRESETS)}")
     if len(job.steps_per_stage) not in (1, len(job.stages)):
-        raise ValueError(f"--steps-per-stage takes one number or one per stage ({len(job.stages)}), "
-                         f"got {len(job.steps_per_stage)}")
+        raise ConfigError(f"--steps-per-stage takes one number or one per stage ({len(job.stages)}), "
+                          f"got {len(job.steps_per_stage)}")
     steps = job.steps_per_stage * len(job.stages) if len(job.steps_per_stage) == 1 else job.steps_per_stage
     configs = {p: make_config(p, {**job.sets, "max_steps": n}) for p, n in zip(job.stages, steps)}  # validate all
     incompatible = incompatible_stages(configs, job.stages)
@@ -129,7 +128,8 @@ def run_job(job: ScalingJob) -> dict[str, Any]:
 
     connect(job.address)
     check_tracking_uri(uri, alive_node_count())
-    parent_id, resumed = _find_or_start_parent(uri, job)
+    parent, resumed = _find_or_open_parent(uri, job)
+    parent_id = parent.run_id
     print(f"{'resuming' if resumed else 'starting'} progressive scaling {' -> '.join(job.stages)}, "
           f"{job.steps_per_stage} steps per stage (MLflow experiment {job.experiment}, parent run {parent_id})",
           flush=True)
@@ -145,14 +145,12 @@ def run_job(job: ScalingJob) -> dict[str, Any]:
             rows.append(_row(preset, run, skipped=True))
             previous_version = run.data.tags["model_version"]
             continue
-        cfg = configs[preset]
         if job.batch:
-            batch = job.batch
+            cfg = dataclasses.replace(configs[preset], batch_size=job.batch)
         else:
-            budget = budget or worker_memory_budget(job.cpus_per_worker, job.gpus_per_worker, job.workers)
-            batch = plan_batch(cfg.model.resolved(), budget, device_type="cuda" if job.gpus_per_worker else "cpu",
-                               max_batch=cfg.batch_size).batch
-        cfg = dataclasses.replace(cfg, batch_size=batch)
+            budget = budget or WorkerBudget.probe(job.cpus_per_worker, job.gpus_per_worker, job.workers)
+            cfg = with_planned_batch(configs[preset], budget)
+        batch = cfg.batch_size
         init_state, init_from = None, "random"
         if preset in incompatible:
             init_from = "random (cannot carry weights over)"
@@ -183,7 +181,7 @@ def run_job(job: ScalingJob) -> dict[str, Any]:
 
     client.log_dict(parent_id, {"stages": rows}, "stages.json")
     if status == "completed":
-        end_run(uri, parent_id, "completed")
+        parent.end("completed")
     return {"status": status, "stages": rows, "parent_run_id": parent_id, "tracking_uri": uri,
             "experiment": job.experiment, "resumed": resumed}
 
