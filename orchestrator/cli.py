@@ -1,7 +1,7 @@
 """Command line: `python -m orchestrator <command> ...`.
 
 Every user error (bad config value, bad dataset, unusable checkpoint, bad flag) ends with one
-readable line on stderr and exit code 2, never a traceback.
+readable line on stderr and exit code 2. Anything else is a bug, and prints its traceback.
 """
 from __future__ import annotations
 
@@ -17,18 +17,22 @@ from model.config import ConfigError
 
 from .checkpoint import CheckpointError
 from .data import DatasetError
+from .planner import MemoryBudgetError
 from .tracking import TrackingConfigError
 from .tune import SpaceError
 from .teacher import DEFAULT_TEACHER
 
 EXIT_USAGE = 2
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, TrackingConfigError, SpaceError, FileNotFoundError,
-               ValueError)
 MLFLOW_URI_HELP = "tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
 
 
 class UserError(Exception):
     """A problem with what the user asked for, reported as one line."""
+
+
+# The project's own errors for what a user asked for. Each one is one line on stderr and exit code 2.
+USER_ERRORS = (UserError, ConfigError, DatasetError, CheckpointError, TrackingConfigError, SpaceError,
+               MemoryBudgetError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -302,6 +306,8 @@ def cmd_plan(args) -> int:
     cfg = preset(args.preset, **_model_overrides(args.set)).resolved()
     if args.budget_gb is not None and args.budget_gb <= 0:
         raise UserError("--budget-gb must be positive")
+    if (args.batch is not None and args.batch < 1) or args.max_batch < 1 or (args.headroom or 0) < 0:
+        raise UserError("--batch and --max-batch must be at least 1, --headroom at least 0")
     cuda = args.device_type == "cuda"
     if cuda and (args.budget_gb is None or args.measure):
         import torch
@@ -495,7 +501,7 @@ def run_guarded(command: Callable[[], int]) -> int:
     """Run a command body; a user error becomes one line on stderr and exit code 2."""
     try:
         return command()
-    except (UserError, *USER_ERRORS) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}".splitlines()[0], file=sys.stderr)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
