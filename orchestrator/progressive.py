@@ -1,9 +1,11 @@
 """Progressive scaling: train stage after stage on growing lattices, each stage starting from the
 previous stage's best weights (neuron and carrier copied, mapper and collector interpolated).
 
-    python jobs/progressive_scaling.py                                   # scale-50 -> scale-150 -> scale-300
-    python jobs/progressive_scaling.py --stages scale-12,scale-24        # the CPU demo (`make run`)
+    python -m orchestrator scale                                         # scale-50 -> scale-150 -> scale-300
+    python jobs/progressive_scaling.py --stages scale-12,scale-24        # the same command: the CPU demo
     ray job submit --working-dir . -- python jobs/progressive_scaling.py --workers 4 --gpus-per-worker 1
+
+(`cli.cmd_scale` takes the flags and prints the table; this module runs the job.)
 
 Each stage is a Ray Train run, logged as a nested MLflow child run of the job's parent run and
 registered as a version of `energy-lattice` with the alias `stage-<preset>`. Its batch size comes
@@ -15,19 +17,16 @@ the same child run and the same Ray run, which Ray Train restores from its lates
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from model import PRESETS, EnergyLattice
 from model.config import ConfigError
 from model.transfer import transfer
 
-from .config import TrainConfig, make_config, parse_sets
+from .config import TrainConfig, make_config
 from .console import tool_command
 from .ray_train import (Launch, WorkerBudget, alive_node_count, check_gpu_share, connect, ray_logs_dir, run_ray_train,
                         with_planned_batch)
@@ -220,63 +219,3 @@ def print_table(summary: dict[str, Any]) -> None:
     if summary.get("summary_json"):
         print(f"  summary:          {summary['summary_json']}")
     print(f"  logs:             this output; Ray's own (its workers' output included) under {ray_logs_dir()}")
-
-
-def build_parser():
-    from .cli import MLFLOW_URI_HELP, _Parser
-    p = _Parser(prog="progressive_scaling.py", description="Train stage after stage on growing lattices.")
-    p.add_argument("--stages", default=",".join(DEFAULT_STAGES), help="comma-separated presets, smallest first")
-    p.add_argument("--steps-per-stage", default="300",
-                   help="optimizer steps of every stage, or a comma-separated number per stage (e.g. 1000,300)")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--gpus-per-worker", type=float, default=0.0)
-    p.add_argument("--batch", type=int, help="batch size per worker for every stage (default: the memory planner)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every stage")
-    p.add_argument("--experiment", default=ScalingJob.experiment,
-                   help="MLflow experiment; rerunning with the same one resumes an unfinished job")
-    p.add_argument("--storage", help="folder or URI for Ray's checkpoints (default: ENERGY_LATTICE_STORAGE, "
-                                     "else ./ray_results)")
-    p.add_argument("--mlflow-uri", help=MLFLOW_URI_HELP)
-    p.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, as `ray job submit` sets it, else embedded)")
-    p.add_argument("--max-failures", type=int, default=2)
-    p.add_argument("--carried-lr-scale", type=float, default=ScalingJob.carried_lr_scale,
-                   help="a stage starting from the previous stage's weights trains at lr times this")
-    p.add_argument("--fresh-start-incompatible", action="store_true",
-                   help="train a stage whose model cannot take the previous stage's weights (another carrier "
-                        "size, say) from random weights, instead of refusing the job before it starts")
-    p.add_argument("--summary-json", help="write the job summary here")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .cli import UserError, _setup_logging, _write_json, run_guarded
-
-    def command() -> int:
-        args = build_parser().parse_args(argv)
-        try:
-            steps = [int(s) for s in args.steps_per_stage.split(",")]
-        except ValueError:
-            raise UserError(f"--steps-per-stage expects numbers such as 300 or 1000,300, got "
-                            f"{args.steps_per_stage!r}") from None
-        job = ScalingJob(stages=[s.strip() for s in args.stages.split(",") if s.strip()],
-                         steps_per_stage=steps, workers=args.workers,
-                         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                         batch=args.batch, sets=parse_sets(args.set or []), experiment=args.experiment,
-                         storage=args.storage, tracking_uri=args.mlflow_uri, address=args.address,
-                         max_failures=args.max_failures, carried_lr_scale=args.carried_lr_scale,
-                         fresh_start_incompatible=args.fresh_start_incompatible)
-        if not 0 < job.carried_lr_scale <= 10:
-            raise UserError(f"--carried-lr-scale={job.carried_lr_scale} is out of range; allowed range (0, 10]")
-        if job.workers < 1 or min(job.steps_per_stage) < 1 or (job.batch is not None and job.batch < 1):
-            raise UserError("--workers, --steps-per-stage and --batch must be at least 1")
-        _setup_logging()
-        started = time.perf_counter()
-        summary = run_job(job)
-        summary["wall_time_s"] = time.perf_counter() - started
-        if args.summary_json:
-            summary["summary_json"] = str(Path(args.summary_json).resolve())
-            _write_json(args.summary_json, summary)
-        print_table(summary)
-        return 0 if summary["status"] == "completed" else 1
-    return run_guarded(command)
