@@ -26,7 +26,7 @@ from .config import TrainConfig, flatten, resolved, run_tags
 from .console import ProgressChannel
 # RayContext lives in context.py; tune.py's import block still names it here until that block moves
 # out of tune.py (issue 12, part B), so it stays importable from this module meanwhile.
-from .context import RayContext, RayTrainContext, TrackerGroup  # noqa: F401
+from .context import RayContext, RayTrainContext, TrackerGroup, best_checkpoint  # noqa: F401
 from .data import PairDataset
 from .tracking import TrackedRun, check_tracking_uri, resolve_tracking_uri
 from .train import load_data, train_loop, worker_shards
@@ -242,7 +242,8 @@ def run_ray_train(cfg: TrainConfig, launch: Launch, init_state: dict | None = No
         log.error("training failed: %s", e)
     finally:
         progress.close()
-    summary = run.close(result.best_checkpoints if result is not None else [], status="failed" if error else None)
+    best = best_checkpoint(result.best_checkpoints) if result is not None else None
+    summary = run.close(best, status="failed" if error else None)
     summary["ray_run_path"] = str(Path(storage) / run_name) if "://" not in storage else f"{storage}/{run_name}"
     if error is not None:
         summary["error"] = str(error).splitlines()[0]
