@@ -1,7 +1,7 @@
 """Command line: `python -m orchestrator <command> ...`.
 
 Every user error (bad config value, bad dataset, unusable checkpoint, bad flag) ends with one
-readable line on stderr and exit code 2, never a traceback.
+readable line on stderr and exit code 2. Anything else is a bug, and prints its traceback.
 """
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ from typing import Any, Callable
 from model.config import ConfigError
 
 from .checkpoint import CheckpointError
+from .console import setup_logging
 from .data import DatasetError
+from .planner import MemoryBudgetError
 from .tracking import TrackingConfigError
-from .tune import SpaceError
+from .search_space import SpaceError
 from .teacher import DEFAULT_TEACHER
 
 EXIT_USAGE = 2
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, TrackingConfigError, SpaceError, FileNotFoundError,
-               ValueError)
 MLFLOW_URI_HELP = "tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
 
 
@@ -31,14 +31,14 @@ class UserError(Exception):
     """A problem with what the user asked for, reported as one line."""
 
 
+# The project's own errors for what a user asked for. Each one is one line on stderr and exit code 2.
+USER_ERRORS = (UserError, ConfigError, DatasetError, CheckpointError, TrackingConfigError, SpaceError,
+               MemoryBudgetError)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's default prints the whole usage block
         raise UserError(f"{self.prog}: {message}")
-
-
-def _setup_logging(log_file: Path | None = None) -> None:
-    from .console import setup_logging
-    setup_logging(log_file)
 
 
 def _write_json(path: str | Path, obj: dict[str, Any]) -> None:
@@ -90,25 +90,24 @@ def _train_local(cfg, args) -> int:
 
     from .config import run_tags
     from .console import ConsoleTracker
-    from .context import FileTracker, LocalContext, TrackerGroup
-    from .tracking import MlflowTracker, finish_run, resolve_tracking_uri, start_run
+    from .context import FileTracker, LocalContext, TrackerGroup, best_checkpoint
+    from .tracking import TrackedRun, resolve_tracking_uri
     from .train import train_loop
 
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    _setup_logging(out / "train.log")
+    setup_logging(out / "train.log")
     print(f"training {cfg.preset} in this process; every log line goes to {out / 'train.log'}", flush=True)
     ctx = LocalContext(out, resume_from=args.resume, keep=cfg.keep_checkpoints)
     console = ConsoleTracker(cfg.max_steps, validates_every=(cfg.val_every, cfg.checkpoint_every))
-    tracker, run_id, uri = TrackerGroup(FileTracker(out), console), None, None
+    tracker, run = TrackerGroup(FileTracker(out), console), None
     if not args.no_mlflow:
-        uri = resolve_tracking_uri(args.mlflow_uri)
-        run_id = start_run(uri, args.experiment, out.name, params=flatten(cfg), tags=run_tags(cfg, 1))
-        tracker = TrackerGroup(tracker, MlflowTracker(uri, run_id))
-    summary = train_loop(cfg, ctx, tracker)
-    if run_id:
-        summary["model_version"] = finish_run(uri, run_id, summary["status"], ctx.best_checkpoint(),
-                                              tags=run_tags(cfg, 1))
-        summary.update(mlflow_run_id=run_id, tracking_uri=uri)
+        run = TrackedRun.open(resolve_tracking_uri(args.mlflow_uri), args.experiment, out.name, params=flatten(cfg),
+                              tags=run_tags(cfg, 1))
+        tracker = TrackerGroup(tracker, run.tracker())
+    untracked_summary = train_loop(cfg, ctx, tracker)
+    # A tracked run's summary comes from its close, as every launcher's does; without MLflow the
+    # loop's return value is all there is.
+    summary = run.close(best_checkpoint(ctx.checkpoints())) if run is not None else untracked_summary
     summary["out_dir"] = str(out)
     _write_json(out / "summary.json", summary)
     if args.summary_json:
@@ -124,7 +123,7 @@ def _train_local(cfg, args) -> int:
 
 def _train_ray(cfg, args) -> int:
     from .ray_train import Launch, run_ray_train
-    _setup_logging()
+    setup_logging()
     launch = Launch(workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                     gpus_per_worker=args.gpus_per_worker, storage=args.storage, tracking_uri=args.mlflow_uri,
                     experiment=args.experiment, run_name=args.name, address=args.address,
@@ -188,7 +187,7 @@ def cmd_tune(args) -> int:
     if args.scheduler == "asha":
         asha_limits(base, space)
     resolve_tracking_uri(args.mlflow_uri)
-    _setup_logging()
+    setup_logging()
     summary = run_sweep(Sweep(
         spaces=args.space, preset=args.preset, sets=sets, num_samples=args.num_samples, max_steps=args.max_steps,
         workers_per_trial=args.workers_per_trial, gpus_per_trial=args.gpus_per_trial,
@@ -215,6 +214,36 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_scale(args) -> int:
+    from .config import parse_sets
+    from .progressive import ScalingJob, print_table, run_job
+    try:
+        steps = [int(s) for s in args.steps_per_stage.split(",")]
+    except ValueError:
+        raise UserError(f"--steps-per-stage expects numbers such as 300 or 1000,300, got "
+                        f"{args.steps_per_stage!r}") from None
+    job = ScalingJob(stages=[s.strip() for s in args.stages.split(",") if s.strip()],
+                     steps_per_stage=steps, workers=args.workers,
+                     cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                     batch=args.batch, sets=parse_sets(args.set or []), experiment=args.experiment,
+                     storage=args.storage, tracking_uri=args.mlflow_uri, address=args.address,
+                     max_failures=args.max_failures, carried_lr_scale=args.carried_lr_scale,
+                     fresh_start_incompatible=args.fresh_start_incompatible)
+    if not 0 < job.carried_lr_scale <= 10:
+        raise UserError(f"--carried-lr-scale={job.carried_lr_scale} is out of range; allowed range (0, 10]")
+    if job.workers < 1 or min(job.steps_per_stage) < 1 or (job.batch is not None and job.batch < 1):
+        raise UserError("--workers, --steps-per-stage and --batch must be at least 1")
+    setup_logging()
+    started = time.perf_counter()
+    summary = run_job(job)
+    summary["wall_time_s"] = time.perf_counter() - started
+    if args.summary_json:
+        summary["summary_json"] = str(Path(args.summary_json).resolve())
+        _write_json(args.summary_json, summary)
+    print_table(summary)
+    return 0 if summary["status"] == "completed" else 1
+
+
 def cmd_compare(args) -> int:
     from .tracking import compare_runs
     print(compare_runs(args.experiment, args.mlflow_uri, top=args.top))
@@ -227,7 +256,7 @@ def cmd_compare(args) -> int:
 def cmd_data_build(args) -> int:
     from .data import default_corpus_path, load_dataset, write_corpus
     from .teacher import Teacher
-    _setup_logging()
+    setup_logging()
     teacher = Teacher(args.teacher)
     if args.corpus == "params":
         from .corpus_params import build_parameter_corpus, default_parameter_corpus_path
@@ -264,7 +293,7 @@ def cmd_bench(args) -> int:
     presets = args.preset or list(DEFAULT_PRESETS)
     for name in presets:  # refuse a bad value before anything slow starts
         apply_overrides(preset(name), overrides)
-    _setup_logging()
+    setup_logging()
     result = run_bench(presets, batch=args.batch, device=args.device, repeats=args.repeats,
                        overrides=overrides, cpu_keep_freed_memory=args.keep_freed_memory,
                        log=lambda msg: print(msg, file=sys.stderr))
@@ -287,7 +316,7 @@ def cmd_bench_quality(args) -> int:
     steps = sets.get("max_steps", make_config(args.preset).max_steps)
     every = max(1, steps // 10)
     cfg = make_config(args.preset, {"val_every": every, "checkpoint_every": steps, "decode_every": steps, **sets})
-    _setup_logging()
+    setup_logging()
     result = run_quality_bench(cfg)
     print(format_quality_table(result))
     if args.json:
@@ -304,6 +333,8 @@ def cmd_plan(args) -> int:
     cfg = preset(args.preset, **_model_overrides(args.set)).resolved()
     if args.budget_gb is not None and args.budget_gb <= 0:
         raise UserError("--budget-gb must be positive")
+    if (args.batch is not None and args.batch < 1) or args.max_batch < 1 or (args.headroom or 0) < 0:
+        raise UserError("--batch and --max-batch must be at least 1, --headroom at least 0")
     cuda = args.device_type == "cuda"
     if cuda and (args.budget_gb is None or args.measure):
         import torch
@@ -362,6 +393,27 @@ def cmd_gpu_check(args) -> int:
 
 # ------------------------------------------------------------------------------------------------
 
+def _add_launch_flags(parser: argparse.ArgumentParser, *, experiment: str, experiment_help: str,
+                      per_trial: bool = False) -> None:
+    """Where and on what a job runs, the same flags for train, tune and scale: the Ray cluster and
+    Ray's storage, the workers and their GPUs (per trial for a sweep), the MLflow store and experiment."""
+    launch = parser.add_argument_group("where it runs: Ray and MLflow")
+    launch.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, as `ray job submit` sets it, "
+                                           "else an embedded local Ray)")
+    launch.add_argument("--storage", help="folder or URI for Ray's checkpoints and results (default: "
+                                          "ENERGY_LATTICE_STORAGE, else ./ray_results)")
+    if per_trial:
+        launch.add_argument("--workers-per-trial", type=int, default=1, help=">1 runs each trial on a TorchTrainer")
+        launch.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial worker")
+    else:
+        launch.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP)")
+        launch.add_argument("--cpus-per-worker", type=float, default=1.0)
+        launch.add_argument("--gpus-per-worker", type=float, default=0.0, help="0: CPU workers (gloo)")
+        launch.add_argument("--max-failures", type=int, default=2, help="worker-group restarts Ray may make")
+    launch.add_argument("--mlflow-uri", help=MLFLOW_URI_HELP)
+    launch.add_argument("--experiment", default=experiment, help=experiment_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from model import PRESETS
     parser = _Parser(prog="python -m orchestrator", description=__doc__.splitlines()[0])
@@ -379,18 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "checkpoints in it resumes from the newest")
     train.add_argument("--resume", help="checkpoint folder to resume from")
     train.add_argument("--summary-json", help="also write the run summary here")
-    ray_opts = train.add_argument_group("Ray Train (without --local)")
-    ray_opts.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP)")
-    ray_opts.add_argument("--cpus-per-worker", type=float, default=1.0)
-    ray_opts.add_argument("--gpus-per-worker", type=float, default=0.0, help="0: CPU workers (gloo)")
-    ray_opts.add_argument("--storage", help="folder or URI for Ray's checkpoints (default ./ray_results)")
-    ray_opts.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
-    ray_opts.add_argument("--max-failures", type=int, default=2, help="worker-group restarts Ray may make")
-    ray_opts.add_argument("--name", help="run name (default <preset>-<time>)")
-    tracking = train.add_argument_group("MLflow")
-    tracking.add_argument("--mlflow-uri", help=MLFLOW_URI_HELP)
-    tracking.add_argument("--experiment", default="energy-lattice", help="MLflow experiment name")
-    tracking.add_argument("--no-mlflow", action="store_true", help="with --local: only write the run folder")
+    train.add_argument("--name", help="Ray Train run name (default <preset>-<time>)")
+    train.add_argument("--no-mlflow", action="store_true", help="with --local: only write the run folder")
+    _add_launch_flags(train, experiment="energy-lattice", experiment_help="MLflow experiment name")
     train.set_defaults(func=cmd_train)
 
     load = sub.add_parser("load", help="load a registered or saved model and check it runs")
@@ -407,19 +450,33 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--set", action="append", metavar="KEY=VALUE", help="fixed override for every trial")
     tune.add_argument("--num-samples", type=int, default=4, help="samples drawn from the space (x grid size)")
     tune.add_argument("--max-steps", type=int, help="optimizer steps per trial")
-    tune.add_argument("--workers-per-trial", type=int, default=1, help=">1 runs each trial on a TorchTrainer")
-    tune.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial worker")
     tune.add_argument("--concurrency", type=int, help="most trials at once (default: what the CPUs allow)")
     tune.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
     tune.add_argument("--resume", action="store_true", help="continue the interrupted sweep of --experiment")
-    tune.add_argument("--experiment", default="energy-lattice-sweep", help="sweep and MLflow experiment name")
-    tune.add_argument("--storage", help="folder or URI for Ray Tune's results (default ./ray_results)")
     tune.add_argument("--trial-memory-gb", type=float, help="memory budget per trial for the planner "
                                                            "(default: node memory / concurrent trials)")
-    tune.add_argument("--mlflow-uri", help=MLFLOW_URI_HELP)
-    tune.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
     tune.add_argument("--summary-json", help="write the sweep summary here")
+    _add_launch_flags(tune, experiment="energy-lattice-sweep", experiment_help="sweep and MLflow experiment name",
+                      per_trial=True)
     tune.set_defaults(func=cmd_tune)
+
+    from .progressive import DEFAULT_STAGES, ScalingJob
+    scale = sub.add_parser("scale", help="progressive scaling: train stage after stage on growing lattices, each "
+                                         "from the last one's weights (also: python jobs/progressive_scaling.py)")
+    scale.add_argument("--stages", default=",".join(DEFAULT_STAGES), help="comma-separated presets, smallest first")
+    scale.add_argument("--steps-per-stage", default="300",
+                       help="optimizer steps of every stage, or a comma-separated number per stage (e.g. 1000,300)")
+    scale.add_argument("--batch", type=int, help="batch size per worker for every stage (default: the memory planner)")
+    scale.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every stage")
+    scale.add_argument("--carried-lr-scale", type=float, default=ScalingJob.carried_lr_scale,
+                       help="a stage starting from the previous stage's weights trains at lr times this")
+    scale.add_argument("--fresh-start-incompatible", action="store_true",
+                       help="train a stage whose model cannot take the previous stage's weights (another carrier "
+                            "size, say) from random weights, instead of refusing the job before it starts")
+    scale.add_argument("--summary-json", help="write the job summary here")
+    _add_launch_flags(scale, experiment=ScalingJob.experiment,
+                      experiment_help="MLflow experiment; rerunning with the same one resumes an unfinished job")
+    scale.set_defaults(func=cmd_scale)
 
     compare = sub.add_parser("compare", help="table of an experiment's runs from MLflow")
     compare.add_argument("--experiment", required=True)
@@ -497,7 +554,7 @@ def run_guarded(command: Callable[[], int]) -> int:
     """Run a command body; a user error becomes one line on stderr and exit code 2."""
     try:
         return command()
-    except (UserError, *USER_ERRORS) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}".splitlines()[0], file=sys.stderr)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

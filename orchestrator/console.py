@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .context import Tracker
+from .plots import baseline_scores
 
 PROGRESS_EVERY_S = 30.0
 
@@ -27,17 +28,6 @@ def format_duration(seconds: float) -> str:
     seconds = max(0, round(seconds))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
-def baseline_scores(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """{"ridge": {"cosine": .., "top1": ..}, ...} from flat `baseline_<name>_cosine/_top1` keys, in the
-    order they were logged, so a baseline added to evaluation shows up without a change here."""
-    scores: dict[str, dict[str, float]] = {}
-    for key, value in metrics.items():
-        for score in ("cosine", "top1"):
-            if key.startswith("baseline_") and key.endswith(f"_{score}") and value is not None:
-                scores.setdefault(key[len("baseline_"):-len(score) - 1], {})[score] = float(value)
-    return scores
 
 
 @dataclass

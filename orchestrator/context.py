@@ -2,27 +2,44 @@
 Tune trial and a Ray Train worker, plus the tracker that records params, metrics and artifacts.
 
 RunContext answers: which rank am I, on which device, which checkpoint do I resume from, and where
-do reports and checkpoints go. `LocalContext` is the plain-process version; the Ray versions live
-in `orchestrator/ray_train.py` and `orchestrator/tune.py`.
+do reports and checkpoints go. All three live here: `LocalContext` (a plain process),
+`TuneContext` (a Tune function trainable) and `RayTrainContext` (a worker of a TorchTrainer). Ray
+is imported inside their methods only, so `model/`, `orchestrator.train` and this module import
+in a process that has no Ray (gpu-check runs there).
 
 Tracker records what a person reads later (params, metric curves, tables, plots). Only rank 0 gets a
 real one; `Tracker()` itself is the do-nothing tracker other ranks use.
+
+`best_checkpoint` is the one place a run's best checkpoint is chosen, whatever shape its launcher
+holds the candidates in.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
+from model.config import ConfigError
+
 from .checkpoint import META_FILE, list_checkpoints, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
+
+
+def best_checkpoint(candidates: Iterable[tuple[Any, dict[str, Any]]]) -> tuple[Any, dict[str, Any]] | None:
+    """The (checkpoint, metrics) pair with the highest validation cosine, or None if no candidate
+    has a score. A checkpoint is whatever the launcher holds: a folder path, a Ray `Checkpoint`."""
+    scored = [(checkpoint, metrics) for checkpoint, metrics in candidates
+              if isinstance(metrics.get("val_cosine"), (int, float)) and not math.isnan(metrics["val_cosine"])]
+    return max(scored, key=lambda pair: pair[1]["val_cosine"]) if scored else None
 
 
 class RunContext:
@@ -63,7 +80,7 @@ def choose_device(requested: str, gpu_assigned: bool, why_none: str) -> torch.de
     """TrainConfig.device resolved against whether this process has a GPU to use: auto takes it if
     there is one; cuda without one is refused here, not at the first CUDA call."""
     if requested == "cuda" and not gpu_assigned:
-        raise ValueError(f"device=cuda, but {why_none}")
+        raise ConfigError(f"device=cuda, but {why_none}")
     return torch.device("cuda" if gpu_assigned and requested != "cpu" else "cpu")
 
 
@@ -98,15 +115,15 @@ class LocalContext(RunContext):
         self._prune()
         return path
 
-    def best_checkpoint(self) -> Path | None:
-        scored = [(_val_cosine(p), p) for p in list_checkpoints(self.checkpoint_dir)]
-        scored = [(s, p) for s, p in scored if s is not None]
-        return max(scored)[1] if scored else None
+    def checkpoints(self) -> list[tuple[Path, dict[str, Any]]]:
+        """(folder, the metrics it was saved with) of every checkpoint in the run folder, oldest first."""
+        return [(path, _saved_metrics(path)) for path in list_checkpoints(self.checkpoint_dir)]
 
     def _prune(self) -> None:
-        found = list_checkpoints(self.checkpoint_dir)
-        keep = set(found[-self.keep:]) | {self.best_checkpoint()}
-        for path in found:
+        found = self.checkpoints()
+        best = best_checkpoint(found)
+        keep = {path for path, _ in found[-self.keep:]} | ({best[0]} if best else set())
+        for path, _ in found:
             if path not in keep:
                 shutil.rmtree(path, ignore_errors=True)
 
@@ -114,11 +131,91 @@ class LocalContext(RunContext):
         return self.out_dir
 
 
-def _val_cosine(path: Path) -> float | None:
+def _saved_metrics(path: Path) -> dict[str, Any]:
     try:
-        return json.loads((path / META_FILE).read_text())["metrics"].get("val_cosine")
+        return json.loads((path / META_FILE).read_text())["metrics"]
     except (OSError, ValueError, KeyError):
+        return {}
+
+
+class RayContext(RunContext):
+    """Reports and checkpoints through a Ray session: Ray Train's or Ray Tune's (`api`).
+
+    A checkpoint is written to a temporary folder and handed to `report`, which persists it in
+    Ray's storage; after a restart, `get_checkpoint` returns the newest one reported.
+    """
+    api = None  # the module with report / get_checkpoint / Checkpoint: ray.train or ray.tune
+
+    def __init__(self, fault_dir: str | None = None, extra_metrics: dict[str, Any] | None = None):
+        self._fault_dir = fault_dir
+        self.extra_metrics = extra_metrics or {}
+
+    def resume_state(self):
+        checkpoint = self.api.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return load_checkpoint(folder, map_location="cpu"), checkpoint.path
+
+    def report(self, step, metrics, checkpoint):
+        metrics = {**metrics, **self.extra_metrics, "step": step}
+        if checkpoint is None:
+            self.api.report(metrics)
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(tmp, checkpoint, meta={"step": step, "metrics": metrics})
+            self.api.report(metrics, checkpoint=self.api.Checkpoint.from_directory(tmp),
+                            **self.checkpoint_kwargs(step))
         return None
+
+    def checkpoint_kwargs(self, step: int) -> dict[str, Any]:
+        return {}
+
+    def device(self, requested: str) -> torch.device:
+        # What Ray assigned, not torch.cuda.is_available(): a CPU trial on a GPU node sees the GPU
+        # too (and Ray narrows CUDA_VISIBLE_DEVICES to the GPUs it assigned, so cuda:0 is ours).
+        import ray
+        return choose_device(requested, bool(ray.get_gpu_ids()),
+                             "Ray assigned this trial no GPU (ask for one with --gpus-per-trial)")
+
+    def fault_marker_dir(self):
+        return Path(self._fault_dir) if self._fault_dir else None
+
+
+class TuneContext(RayContext):
+    """A Tune function trainable: one process, checkpoints reported to the trial's storage."""
+
+    def __init__(self, extra_metrics: dict[str, Any]):
+        import ray.tune
+        super().__init__(ray.tune.get_context().get_trial_dir(), extra_metrics)
+        self.api = ray.tune
+
+
+class RayTrainContext(RayContext):
+    """A Ray Train worker: rank and device from Ray, DDP wrapping by Ray."""
+
+    def __init__(self, fault_dir: str | None = None):
+        import ray.train
+        super().__init__(fault_dir)
+        self.api = ray.train
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+
+    def device(self, requested: str) -> torch.device:
+        # Ray's device for this worker whatever was requested: with GPUs the process group is NCCL,
+        # which needs the worker's own GPU.
+        import ray.train.torch
+        device = ray.train.torch.get_device()
+        if requested == "cuda" and device.type != "cuda":
+            raise ConfigError("device=cuda, but Ray assigned this worker no GPU (ask for one with --gpus-per-worker)")
+        return device
+
+    def wrap_model(self, model):
+        import ray.train.torch
+        return ray.train.torch.prepare_model(model, move_to_device=False) if self.world_size > 1 else model
+
+    def checkpoint_kwargs(self, step):
+        return {"checkpoint_dir_name": f"step_{step:08d}"}
 
 
 class Tracker:

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from model import EnergyLattice, lattice_loss, preset
+from model.config import ConfigError
 
 from .context import Tracker
 from .data import PairDataset, Split, load_dataset
@@ -597,7 +598,8 @@ def run_gpu_check(device: str = "cuda", *, quick: bool = False, data_path: str |
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda: torch sees no CUDA device here; run with --device cpu for the CPU version")
+            raise ConfigError("--device cuda: torch sees no CUDA device here; run with --device cpu for the CPU "
+                              "version")
         # Both are read when CUDA starts, which nothing here has done yet.
         from .memory import use_expandable_segments
         use_expandable_segments()

@@ -4,6 +4,7 @@ cosine and top-1 over steps against the baselines."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -72,6 +73,17 @@ def make_plots(model: EnergyLattice, sample_embedding: torch.Tensor, losses: lis
     return paths
 
 
+def baseline_scores(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{"ridge": {"cosine": .., "top1": ..}, ...} from flat `baseline_<name>_cosine/_top1` keys, in the
+    order they were logged, so a baseline added to evaluation shows up without a change here."""
+    scores: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        for score in ("cosine", "top1"):
+            if key.startswith("baseline_") and key.endswith(f"_{score}") and value is not None:
+                scores.setdefault(key[len("baseline_"):-len(score) - 1], {})[score] = float(value)
+    return scores
+
+
 def validation_plot(cosine: list[tuple[int, float]], top1: list[tuple[int, float]], baselines: dict[str, float],
                     path: str | Path) -> Path:
     """Write validation_figure(...) to `path`."""
@@ -81,7 +93,6 @@ def validation_plot(cosine: list[tuple[int, float]], top1: list[tuple[int, float
 def validation_figure(cosine: list[tuple[int, float]], top1: list[tuple[int, float]], baselines: dict[str, float]):
     """Validation cosine and top-1 against the training step, each next to a horizontal line per
     baseline: every `baseline_<name>_cosine` / `baseline_<name>_top1` in `baselines` is drawn."""
-    from .console import baseline_scores
     scores = baseline_scores(baselines)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     colours = plt.get_cmap("tab10")

@@ -1,9 +1,11 @@
 """Progressive scaling: train stage after stage on growing lattices, each stage starting from the
 previous stage's best weights (neuron and carrier copied, mapper and collector interpolated).
 
-    python jobs/progressive_scaling.py                                   # scale-50 -> scale-150 -> scale-300
-    python jobs/progressive_scaling.py --stages scale-12,scale-24        # the CPU demo (`make run`)
+    python -m orchestrator scale                                         # scale-50 -> scale-150 -> scale-300
+    python jobs/progressive_scaling.py --stages scale-12,scale-24        # the same command: the CPU demo
     ray job submit --working-dir . -- python jobs/progressive_scaling.py --workers 4 --gpus-per-worker 1
+
+(`cli.cmd_scale` takes the flags and prints the table; this module runs the job.)
 
 Each stage is a Ray Train run, logged as a nested MLflow child run of the job's parent run and
 registered as a version of `energy-lattice` with the alias `stage-<preset>`. Its batch size comes
@@ -15,23 +17,21 @@ the same child run and the same Ray run, which Ray Train restores from its lates
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from model import PRESETS, EnergyLattice
+from model.config import ConfigError
 from model.transfer import transfer
 
-from .config import TrainConfig, make_config, parse_sets
+from .config import TrainConfig, make_config
 from .console import tool_command
-from .ray_train import (Launch, alive_node_count, check_gpu_share, connect, ray_logs_dir, run_ray_train,
-                        worker_memory_budget)
-from .tracking import (REGISTERED_MODEL, browse_lines, check_tracking_uri, child_runs, client_for, end_run,
-                       experiment_id, load_registered_model, resolve_tracking_uri, run_metric, start_run)
+from .ray_train import (Launch, WorkerBudget, alive_node_count, check_gpu_share, connect, ray_logs_dir, run_ray_train,
+                        with_planned_batch)
+from .tracking import (REGISTERED_MODEL, TrackedRun, browse_lines, check_tracking_uri, child_runs, client_for,
+                       experiment_id, load_registered_model, resolve_tracking_uri, run_metric)
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class ScalingJob:
         check_gpu_share(self.workers, self.gpus_per_worker)
 
 
-class IncompatibleStagesError(ValueError):
+class IncompatibleStagesError(ConfigError):
     """A stage whose model cannot start from the previous stage's weights."""
 
 
@@ -81,7 +81,8 @@ def incompatible_stages(configs: dict[str, TrainConfig], stages: list[str]) -> d
     return problems
 
 
-def _find_or_start_parent(uri: str, job: ScalingJob) -> tuple[str, bool]:
+def _find_or_open_parent(uri: str, job: ScalingJob) -> tuple[TrackedRun, bool]:
+    """The job's parent run: the unfinished one of these stages if there is one (a restart), else a new one."""
     client = client_for(uri)
     exp = client.get_experiment_by_name(job.experiment)
     stages = ",".join(job.stages)
@@ -89,12 +90,11 @@ def _find_or_start_parent(uri: str, job: ScalingJob) -> tuple[str, bool]:
         runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], filter_string=(
             f"tags.kind = '{JOB_KIND}' and tags.stages = '{stages}' and attributes.status = 'RUNNING'"))
         if runs:
-            return runs[0].info.run_id, True
+            return TrackedRun(uri, runs[0].info.run_id), True
     settings = {k: v for k, v in dataclasses.asdict(job).items() if k != "sets"}
     params = {**{f"job.{k}": v for k, v in settings.items()}, **{f"set.{k}": v for k, v in job.sets.items()}}
-    run_id = start_run(uri, job.experiment, f"progressive-{stages}", params=params,
-                       tags={"kind": JOB_KIND, "stages": stages})
-    return run_id, False
+    return TrackedRun.open(uri, job.experiment, f"progressive-{stages}", params=params,
+                           tags={"kind": JOB_KIND, "stages": stages}), False
 
 
 def _row(preset: str, run, *, skipped: bool, checkpoint: str | None = None) -> dict[str, Any]:
@@ -112,14 +112,12 @@ def _row(preset: str, run, *, skipped: bool, checkpoint: str | None = None) -> d
 
 def run_job(job: ScalingJob) -> dict[str, Any]:
     """Run (or resume) the job; return its summary with one row per stage."""
-    from .planner import plan_batch
-
     unknown = [s for s in job.stages if s not in PRESETS]
     if unknown:
-        raise ValueError(f"unknown stage preset(s) {unknown}; choose from {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown stage preset(s) {unknown}; choose from {', '.join(PRESETS)}")
     if len(job.steps_per_stage) not in (1, len(job.stages)):
-        raise ValueError(f"--steps-per-stage takes one number or one per stage ({len(job.stages)}), "
-                         f"got {len(job.steps_per_stage)}")
+        raise ConfigError(f"--steps-per-stage takes one number or one per stage ({len(job.stages)}), "
+                          f"got {len(job.steps_per_stage)}")
     steps = job.steps_per_stage * len(job.stages) if len(job.steps_per_stage) == 1 else job.steps_per_stage
     configs = {p: make_config(p, {**job.sets, "max_steps": n}) for p, n in zip(job.stages, steps)}  # validate all
     incompatible = incompatible_stages(configs, job.stages)
@@ -131,7 +129,8 @@ def run_job(job: ScalingJob) -> dict[str, Any]:
 
     connect(job.address)
     check_tracking_uri(uri, alive_node_count())
-    parent_id, resumed = _find_or_start_parent(uri, job)
+    parent, resumed = _find_or_open_parent(uri, job)
+    parent_id = parent.run_id
     print(f"{'resuming' if resumed else 'starting'} progressive scaling {' -> '.join(job.stages)}, "
           f"{','.join(map(str, job.steps_per_stage))} steps per stage (MLflow experiment {job.experiment}, "
           f"parent run {parent_id})", flush=True)
@@ -147,14 +146,12 @@ def run_job(job: ScalingJob) -> dict[str, Any]:
             rows.append(_row(preset, run, skipped=True))
             previous_version = run.data.tags["model_version"]
             continue
-        cfg = configs[preset]
         if job.batch:
-            batch = job.batch
+            cfg = dataclasses.replace(configs[preset], batch_size=job.batch)
         else:
-            budget = budget or worker_memory_budget(job.cpus_per_worker, job.gpus_per_worker, job.workers)
-            batch = plan_batch(cfg.model.resolved(), budget, device_type="cuda" if job.gpus_per_worker else "cpu",
-                               max_batch=cfg.batch_size).batch
-        cfg = dataclasses.replace(cfg, batch_size=batch)
+            budget = budget or WorkerBudget.probe(job.cpus_per_worker, job.gpus_per_worker, job.workers)
+            cfg = with_planned_batch(configs[preset], budget)
+        batch = cfg.batch_size
         init_state, init_from = None, "random"
         if preset in incompatible:
             init_from = "random (cannot carry weights over)"
@@ -185,7 +182,7 @@ def run_job(job: ScalingJob) -> dict[str, Any]:
 
     client.log_dict(parent_id, {"stages": rows}, "stages.json")
     if status == "completed":
-        end_run(uri, parent_id, "completed")
+        parent.end("completed")
     return {"status": status, "stages": rows, "parent_run_id": parent_id, "tracking_uri": uri,
             "experiment": job.experiment, "resumed": resumed}
 
@@ -224,63 +221,3 @@ def print_table(summary: dict[str, Any]) -> None:
     if summary.get("summary_json"):
         print(f"  summary:          {summary['summary_json']}")
     print(f"  logs:             this output; Ray's own (its workers' output included) under {ray_logs_dir()}")
-
-
-def build_parser():
-    from .cli import MLFLOW_URI_HELP, _Parser
-    p = _Parser(prog="progressive_scaling.py", description="Train stage after stage on growing lattices.")
-    p.add_argument("--stages", default=",".join(DEFAULT_STAGES), help="comma-separated presets, smallest first")
-    p.add_argument("--steps-per-stage", default="300",
-                   help="optimizer steps of every stage, or a comma-separated number per stage (e.g. 1000,300)")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--gpus-per-worker", type=float, default=0.0)
-    p.add_argument("--batch", type=int, help="batch size per worker for every stage (default: the memory planner)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every stage")
-    p.add_argument("--experiment", default=ScalingJob.experiment,
-                   help="MLflow experiment; rerunning with the same one resumes an unfinished job")
-    p.add_argument("--storage", help="folder or URI for Ray's checkpoints (default: ENERGY_LATTICE_STORAGE, "
-                                     "else ./ray_results)")
-    p.add_argument("--mlflow-uri", help=MLFLOW_URI_HELP)
-    p.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, as `ray job submit` sets it, else embedded)")
-    p.add_argument("--max-failures", type=int, default=2)
-    p.add_argument("--carried-lr-scale", type=float, default=ScalingJob.carried_lr_scale,
-                   help="a stage starting from the previous stage's weights trains at lr times this")
-    p.add_argument("--fresh-start-incompatible", action="store_true",
-                   help="train a stage whose model cannot take the previous stage's weights (another carrier "
-                        "size, say) from random weights, instead of refusing the job before it starts")
-    p.add_argument("--summary-json", help="write the job summary here")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .cli import UserError, _setup_logging, _write_json, run_guarded
-
-    def command() -> int:
-        args = build_parser().parse_args(argv)
-        try:
-            steps = [int(s) for s in args.steps_per_stage.split(",")]
-        except ValueError:
-            raise UserError(f"--steps-per-stage expects numbers such as 300 or 1000,300, got "
-                            f"{args.steps_per_stage!r}") from None
-        job = ScalingJob(stages=[s.strip() for s in args.stages.split(",") if s.strip()],
-                         steps_per_stage=steps, workers=args.workers,
-                         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                         batch=args.batch, sets=parse_sets(args.set or []), experiment=args.experiment,
-                         storage=args.storage, tracking_uri=args.mlflow_uri, address=args.address,
-                         max_failures=args.max_failures, carried_lr_scale=args.carried_lr_scale,
-                         fresh_start_incompatible=args.fresh_start_incompatible)
-        if not 0 < job.carried_lr_scale <= 10:
-            raise UserError(f"--carried-lr-scale={job.carried_lr_scale} is out of range; allowed range (0, 10]")
-        if job.workers < 1 or min(job.steps_per_stage) < 1 or (job.batch is not None and job.batch < 1):
-            raise UserError("--workers, --steps-per-stage and --batch must be at least 1")
-        _setup_logging()
-        started = time.perf_counter()
-        summary = run_job(job)
-        summary["wall_time_s"] = time.perf_counter() - started
-        if args.summary_json:
-            summary["summary_json"] = str(Path(args.summary_json).resolve())
-            _write_json(args.summary_json, summary)
-        print_table(summary)
-        return 0 if summary["status"] == "completed" else 1
-    return run_guarded(command)

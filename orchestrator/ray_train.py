@@ -1,32 +1,34 @@
 """Ray Train: `train_loop` in every worker of a `TorchTrainer` (Ray 2.60, Train V2).
 
-The driver (this process) connects to Ray, creates the MLflow run, and launches the workers; rank 0
-logs into that run by id. DDP runs over gloo on CPU and NCCL on GPU (Ray sets up the process group),
-each worker trains on its own shard of the training rows, Ray restarts the worker group from the
-latest reported checkpoint after a failure (`FailureConfig(max_failures)`), and keeps the best k
-checkpoints by validation cosine (`CheckpointConfig`). When training ends, the driver registers
-the best checkpoint as a new version of the MLflow model `energy-lattice`.
+The driver (this process) connects to Ray, opens the run's `TrackedRun`, and launches the workers;
+rank 0 logs into that run by id. DDP runs over gloo on CPU and NCCL on GPU (Ray sets up the process
+group), each worker trains on its own shard of the training rows, Ray restarts the worker group
+from the latest reported checkpoint after a failure (`FailureConfig(max_failures)`), and keeps the
+best k checkpoints by validation cosine (`CheckpointConfig`). When training ends, the driver closes
+the run, which registers the best of them as a new version of the MLflow model `energy-lattice`.
+
+Also here, for every launcher that starts Ray workers (Ray Train, Tune, the scaling job): joining
+Ray, the GPU-share check, and the memory a worker has, from which its batch is planned.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from model.config import ConfigError
 
-from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, flatten, resolved, run_tags
 from .console import ProgressChannel
-from .context import RunContext, TrackerGroup, choose_device
+# RayContext lives in context.py; tune.py's import block still names it here until that block moves
+# out of tune.py (issue 12, part B), so it stays importable from this module meanwhile.
+from .context import RayContext, RayTrainContext, TrackerGroup, best_checkpoint  # noqa: F401
 from .data import PairDataset
-from .tracking import (MlflowTracker, check_tracking_uri, finish_run, read_summary, resolve_tracking_uri,
-                       start_run)
+from .tracking import TrackedRun, check_tracking_uri, resolve_tracking_uri
 from .train import load_data, train_loop, worker_shards
 
 log = logging.getLogger(__name__)
@@ -62,77 +64,6 @@ def alive_node_count() -> int:
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
-class RayContext(RunContext):
-    """Reports and checkpoints through a Ray session: Ray Train's here, Ray Tune's in tune.py.
-
-    A checkpoint is written to a temporary folder and handed to `report`, which persists it in
-    Ray's storage; after a restart, `get_checkpoint` returns the newest one reported.
-    """
-    api = None  # the module with report / get_checkpoint / Checkpoint: ray.train or ray.tune
-
-    def __init__(self, fault_dir: str | None = None, extra_metrics: dict[str, Any] | None = None):
-        self._fault_dir = fault_dir
-        self.extra_metrics = extra_metrics or {}
-
-    def resume_state(self):
-        checkpoint = self.api.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as folder:
-            return load_checkpoint(folder, map_location="cpu"), checkpoint.path
-
-    def report(self, step, metrics, checkpoint):
-        metrics = {**metrics, **self.extra_metrics, "step": step}
-        if checkpoint is None:
-            self.api.report(metrics)
-            return None
-        with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(tmp, checkpoint, meta={"step": step, "metrics": metrics})
-            self.api.report(metrics, checkpoint=self.api.Checkpoint.from_directory(tmp),
-                            **self.checkpoint_kwargs(step))
-        return None
-
-    def checkpoint_kwargs(self, step: int) -> dict[str, Any]:
-        return {}
-
-    def device(self, requested: str) -> torch.device:
-        # What Ray assigned, not torch.cuda.is_available(): a CPU trial on a GPU node sees the GPU
-        # too (and Ray narrows CUDA_VISIBLE_DEVICES to the GPUs it assigned, so cuda:0 is ours).
-        import ray
-        return choose_device(requested, bool(ray.get_gpu_ids()),
-                             "Ray assigned this trial no GPU (ask for one with --gpus-per-trial)")
-
-    def fault_marker_dir(self):
-        return Path(self._fault_dir) if self._fault_dir else None
-
-
-class RayTrainContext(RayContext):
-    """A Ray Train worker: rank and device from Ray, DDP wrapping by Ray."""
-
-    def __init__(self, fault_dir: str | None = None):
-        import ray.train
-        super().__init__(fault_dir)
-        self.api = ray.train
-        context = ray.train.get_context()
-        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
-
-    def device(self, requested: str) -> torch.device:
-        # Ray's device for this worker whatever was requested: with GPUs the process group is NCCL,
-        # which needs the worker's own GPU.
-        import ray.train.torch
-        device = ray.train.torch.get_device()
-        if requested == "cuda" and device.type != "cuda":
-            raise ValueError("device=cuda, but Ray assigned this worker no GPU (ask for one with --gpus-per-worker)")
-        return device
-
-    def wrap_model(self, model):
-        import ray.train.torch
-        return ray.train.torch.prepare_model(model, move_to_device=False) if self.world_size > 1 else model
-
-    def checkpoint_kwargs(self, step):
-        return {"checkpoint_dir_name": f"step_{step:08d}"}
-
-
 def _train_worker(config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs (again, after a restart)."""
     import ray
@@ -144,7 +75,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     data = dataclasses.replace(data, train=data.train.take(range(len(data.train))))
     tracker = None
     if ctx.rank == 0:
-        tracker = MlflowTracker(run["tracking_uri"], run["mlflow_run_id"])
+        tracker = run["tracked_run"].tracker()
         if run.get("progress") is not None:
             train = config["train"]
             console = run["progress"].tracker(train["max_steps"], data.baselines,
@@ -157,10 +88,10 @@ def _train_worker(config: dict[str, Any]) -> None:
 def check_gpu_share(workers: int, gpus_per_worker: float) -> None:
     """Refuse GPU requests that fail only once the workers start."""
     if gpus_per_worker < 0:
-        raise ValueError(f"--gpus-per-worker={gpus_per_worker} must be at least 0")
+        raise ConfigError(f"--gpus-per-worker={gpus_per_worker} must be at least 0")
     if workers > 1 and gpus_per_worker != int(gpus_per_worker):
-        raise ValueError(f"--gpus-per-worker={gpus_per_worker} with {workers} workers would put two DDP ranks on "
-                         f"one GPU, which NCCL refuses; give each worker whole GPUs (e.g. 1)")
+        raise ConfigError(f"--gpus-per-worker={gpus_per_worker} with {workers} workers would put two DDP ranks on "
+                          f"one GPU, which NCCL refuses; give each worker whole GPUs (e.g. 1)")
 
 
 def _free_memory_here(device_type: str) -> int:
@@ -184,6 +115,30 @@ def worker_memory_budget(cpus_per_worker: float, gpus_per_worker: float, sharing
     device_type = "cuda" if gpus_per_worker else "cpu"
     probe = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(_free_memory_here)
     return memory_share(ray.get(probe.remote(device_type)), device_type, gpus_per_worker, sharing)
+
+
+@dataclass(frozen=True)
+class WorkerBudget:
+    """The memory one training worker may use, and on which device type. The launcher measures it
+    once (`probe`) and hands it to wherever a batch is picked, a Tune trial included: a probe from
+    inside a trial would wait for the resources the trials themselves hold."""
+    budget_bytes: int
+    device_type: str
+
+    @classmethod
+    def probe(cls, cpus_per_worker: float, gpus_per_worker: float, sharing: int) -> WorkerBudget:
+        return cls(worker_memory_budget(cpus_per_worker, gpus_per_worker, sharing),
+                   "cuda" if gpus_per_worker else "cpu")
+
+
+def with_planned_batch(cfg: TrainConfig, budget: WorkerBudget) -> TrainConfig:
+    """`cfg` with the largest batch (at most its own batch_size) that the memory planner fits into
+    the budget; MemoryBudgetError, naming estimate and budget, if not even batch 1 fits. Tune
+    trials and scaling stages both pick their batch here."""
+    from .planner import plan_batch
+    plan = plan_batch(cfg.model.resolved(), budget.budget_bytes, device_type=budget.device_type,
+                      max_batch=cfg.batch_size)
+    return dataclasses.replace(cfg, batch_size=plan.batch)
 
 
 def put_shards(data: PairDataset, cfg: TrainConfig, workers: int) -> list:
@@ -221,11 +176,11 @@ def storage_path(storage: str | None) -> str:
     return str(Path(storage or "ray_results").resolve())
 
 
-def build_trainer(cfg: TrainConfig, launch: Launch, data: PairDataset, *, tracking_uri: str, mlflow_run_id: str,
-                  run_name: str, callbacks: list | None = None, init_state: dict | None = None,
+def build_trainer(cfg: TrainConfig, launch: Launch, data: PairDataset, *, run: TrackedRun, run_name: str,
+                  callbacks: list | None = None, init_state: dict | None = None,
                   progress: ProgressChannel | None = None):
-    """The TorchTrainer that runs `train_loop` on `launch.workers` workers and logs into the run
-    (and, given a ProgressChannel, sends the console's progress lines through it)."""
+    """The TorchTrainer that runs `train_loop` on `launch.workers` workers, rank 0 logging into `run`
+    (and, given a ProgressChannel, sending the console's progress lines through it)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -235,7 +190,7 @@ def build_trainer(cfg: TrainConfig, launch: Launch, data: PairDataset, *, tracki
     return TorchTrainer(
         _train_worker,
         train_loop_config={"train": dataclasses.asdict(cfg),
-                           "run": {"tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
+                           "run": {"tracked_run": run,
                                    "data_shards": put_shards(data, cfg, launch.workers),
                                    "init_state": ray.put(init_state) if init_state is not None else None,
                                    "progress": progress,
@@ -262,7 +217,7 @@ def prepare_config(cfg: TrainConfig) -> TrainConfig:
 
 
 def run_ray_train(cfg: TrainConfig, launch: Launch, init_state: dict | None = None) -> dict[str, Any]:
-    """Train with a TorchTrainer; return the summary with `mlflow_run_id` and `model_version`.
+    """Train with a TorchTrainer; return the run's summary (TrackedRun.close) with `ray_run_path`.
 
     `init_state`: model weights to start from unless the run resumes from its own checkpoint."""
     connect(launch.address)
@@ -271,14 +226,14 @@ def run_ray_train(cfg: TrainConfig, launch: Launch, init_state: dict | None = No
     cfg = prepare_config(cfg)
     run_name = launch.run_name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = storage_path(launch.storage)
-    tags = {**run_tags(cfg, launch.workers), "ray_train_run": run_name, **(launch.run_tags or {})}
-    run_id = launch.mlflow_run_id or start_run(uri, launch.experiment, run_name, params=flatten(cfg), tags=tags,
-                                               parent_run_id=launch.parent_run_id)
-    log.info("MLflow run %s in experiment %r at %s", run_id, launch.experiment, uri)
+    run = TrackedRun.open(uri, launch.experiment, run_name, params=flatten(cfg),
+                          tags={**run_tags(cfg, launch.workers), "ray_train_run": run_name, **(launch.run_tags or {})},
+                          parent_run_id=launch.parent_run_id, run_id=launch.mlflow_run_id, alias=launch.model_alias)
+    log.info("MLflow run %s in experiment %r at %s", run.run_id, launch.experiment, uri)
 
     progress = ProgressChannel()
-    trainer = build_trainer(cfg, launch, load_data(cfg), tracking_uri=uri, mlflow_run_id=run_id, run_name=run_name,
-                            init_state=init_state, progress=progress)
+    trainer = build_trainer(cfg, launch, load_data(cfg), run=run, run_name=run_name, init_state=init_state,
+                            progress=progress)
     try:
         with progress.printing():
             result, error = trainer.fit(), None
@@ -287,22 +242,9 @@ def run_ray_train(cfg: TrainConfig, launch: Launch, init_state: dict | None = No
         log.error("training failed: %s", e)
     finally:
         progress.close()
-    final = read_summary(uri, run_id) or {}
-    status = "failed" if error else final.get("status", "failed")
-
-    best, version = None, None
-    checkpoints = result.best_checkpoints if result is not None else []
-    if checkpoints:
-        best, best_metrics = max(checkpoints, key=lambda cm: cm[1].get("val_cosine", float("-inf")))
-        with best.as_directory() as folder:
-            version = finish_run(uri, run_id, status, folder, alias=launch.model_alias, tags={
-                **tags, "step": str(best_metrics.get("step")),
-                "val_cosine": f"{best_metrics.get('val_cosine', float('nan')):.4f}"})
-    else:
-        finish_run(uri, run_id, status, None, tags=tags)
-    summary = {**final, "status": status, "mlflow_run_id": run_id, "model_version": version,
-               "checkpoint": best.path if best else None, "tracking_uri": uri,
-               "ray_run_path": str(Path(storage) / run_name) if "://" not in storage else f"{storage}/{run_name}"}
+    best = best_checkpoint(result.best_checkpoints) if result is not None else None
+    summary = run.close(best, status="failed" if error else None)
+    summary["ray_run_path"] = str(Path(storage) / run_name) if "://" not in storage else f"{storage}/{run_name}"
     if error is not None:
         summary["error"] = str(error).splitlines()[0]
     return summary

@@ -4,16 +4,21 @@ The embedded default is `sqlite:///mlflow.db` in the working directory (artifact
 any `http://` server works by flag or `MLFLOW_TRACKING_URI`. A file or SQLite store lives on one
 machine, so on a cluster of more than one node it is refused: workers elsewhere could not write it.
 
-Runs are created by the driver (the process that launches training) and written to by rank 0, by
-run id. The best checkpoint of a run becomes a new version of the registered model
-`energy-lattice`, loadable with `load_registered_model("models:/energy-lattice/<version>")`.
+Every run goes through one lifecycle, `TrackedRun`: the launcher (the process that starts
+training: the CLI, Ray Train's driver, a Tune trial and the sweep's driver, the scaling job) opens
+it, rank 0 logs into it by id through `TrackedRun.tracker()`, and the launcher closes it, which
+registers its best checkpoint as a new version of the model `energy-lattice` (loadable with
+`load_registered_model("models:/energy-lattice/<version>")`), sets its status and returns its summary.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import subprocess
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,7 @@ TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "m
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 MLFLOW_UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+SUMMARY_FILE = "summary.json"  # the run summary rank 0 logs at the end of training
 
 
 class TrackingConfigError(ValueError):
@@ -259,9 +265,9 @@ class MlflowTracker(Tracker):
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def finish(self, status, summary):
-        # The launcher reads the summary back from here: it may run on another node than rank 0.
-        self.client.log_dict(self.run_id, summary, "summary.json")
-        self.client.set_tag(self.run_id, "status", status)
+        # The run's summary travels to its launcher from here (see TrackedRun.close); the status
+        # tag is the launcher's to set, since only it knows how the run ended (stopped, failed).
+        self.client.log_dict(self.run_id, summary, SUMMARY_FILE)
         self._log_validation_plot()
 
     def _log_validation_plot(self) -> None:
@@ -279,18 +285,6 @@ class MlflowTracker(Tracker):
             path = validation_plot(history("val_cosine"), history("val_top1"), baselines,
                                    Path(tmp) / "validation_vs_baselines.png")
             self.client.log_artifact(self.run_id, str(path), "plots")
-
-
-def read_summary(uri: str, run_id: str) -> dict[str, Any] | None:
-    """The summary rank 0 logged at the end of training, or None if it never got that far."""
-    import json
-
-    from mlflow.exceptions import MlflowException
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            return json.loads(Path(client_for(uri).download_artifacts(run_id, "summary.json", tmp)).read_text())
-    except (MlflowException, OSError):
-        return None
 
 
 def log_config(tracker: Tracker, config: dict[str, Any]) -> None:
@@ -320,14 +314,91 @@ def register_checkpoint(uri: str, run_id: str, checkpoint_dir: str | Path, *, ta
     return str(version.version)
 
 
-def finish_run(uri: str, run_id: str, status: str, best_checkpoint: str | Path | None, *,
-               tags: dict[str, str], alias: str | None = None) -> str | None:
-    """Register the run's best checkpoint (if any) and close the run; return the model version."""
-    version = None
-    if best_checkpoint is not None:
-        version = register_checkpoint(uri, run_id, best_checkpoint, tags={**tags, "run_id": run_id}, alias=alias)
-    end_run(uri, run_id, status)
-    return version
+@dataclass
+class TrackedRun:
+    """One MLflow run from open to close, the same for every launcher: a local run, a Ray Train run,
+    a Tune trial and a scaling stage (and, with `end` only, a sweep's or a job's parent run).
+
+    Open it (or reattach to the run a restarted job already has), hand `tracker()` to rank 0, and
+    close it with the run's best checkpoint. It is plain data, so it travels to Ray workers as is.
+    """
+    uri: str
+    run_id: str
+    tags: dict[str, str] = field(default_factory=dict)  # what the run is; its registered version carries them too
+    alias: str | None = None                            # registry alias for the registered version
+
+    @classmethod
+    def open(cls, uri: str, experiment: str, run_name: str, *, params: dict[str, Any], tags: dict[str, str],
+             parent_run_id: str | None = None, run_id: str | None = None, alias: str | None = None) -> TrackedRun:
+        """A new run with its params and tags (nested under `parent_run_id` if given), or, given
+        `run_id`, that existing run: a restarted job logs on where it stopped."""
+        if run_id is None:
+            run_id = start_run(uri, experiment, run_name, params=params, tags=tags, parent_run_id=parent_run_id)
+        return cls(uri, run_id, dict(tags), alias)
+
+    def tracker(self) -> MlflowTracker:
+        """Rank 0's tracker: logs into this run by id, from whichever node rank 0 runs on."""
+        return MlflowTracker(self.uri, self.run_id)
+
+    def close(self, best: tuple[Any, dict[str, Any]] | None = None, *, status: str | None = None,
+              unfinished: str = "failed", reason: str | None = None) -> dict[str, Any]:
+        """Register the run's best checkpoint, set its status tag and MLflow state, and return its summary.
+
+        `best` is the (checkpoint, metrics) pair `context.best_checkpoint` chose, the checkpoint a
+        folder or a Ray Checkpoint, or None when the run left none.
+
+        The status is `status` if given (the launcher saw the run fail or stop), else the one the
+        training loop recorded, else `unfinished` (the loop never got to its summary). A run that is
+        closed already (by a Tune trial that could not start, or before a restart) is left as it is.
+
+        The summary comes by one channel: the summary.json rank 0 logs into the run. It is the only
+        one every launcher has: rank 0 may run on another node than the launcher, Ray Train's result
+        holds the metrics of its latest checkpoint rather than the final report, Tune drops a
+        trial's return value, and MLflow keeps it across a restart of the launcher.
+        """
+        client = client_for(self.uri)
+        run = client.get_run(self.run_id)
+        summary = self._logged_summary()
+        if run.info.status != "RUNNING":
+            tags = run.data.tags
+            status, version = tags.get("status", run.info.status.lower()), tags.get("model_version")
+            reason = reason or tags.get("reason")
+        else:
+            status, version = status or summary.get("status") or unfinished, None
+            if best is not None:
+                checkpoint, metrics = best
+                with _local_folder(checkpoint) as folder:
+                    version = register_checkpoint(self.uri, self.run_id, folder, alias=self.alias, tags={
+                        **{k: v for k, v in self.tags.items() if k != "status"}, "run_id": self.run_id,
+                        "step": str(metrics.get("step")), "val_cosine": f"{metrics['val_cosine']:.4f}"})
+            client.set_tag(self.run_id, "status", status)
+            if reason:
+                client.set_tag(self.run_id, "reason", reason)
+            self.end(status)
+        # A local loop names its own last checkpoint; Ray's checkpoints are in Ray's storage, which
+        # only the launcher sees, so there the summary names the best one kept.
+        checkpoint_path = summary.get("checkpoint") or (str(getattr(best[0], "path", best[0])) if best else None)
+        return {**summary, "status": status, "mlflow_run_id": self.run_id, "model_version": version,
+                "checkpoint": checkpoint_path, "tracking_uri": self.uri, **({"reason": reason} if reason else {})}
+
+    def end(self, status: str) -> None:
+        """Set the run's MLflow state from our status (parent runs end with this alone)."""
+        end_run(self.uri, self.run_id, status)
+
+    def _logged_summary(self) -> dict[str, Any]:
+        """The summary.json rank 0 logged, or {} if training never got that far."""
+        from mlflow.exceptions import MlflowException
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                return json.loads(Path(client_for(self.uri).download_artifacts(self.run_id, SUMMARY_FILE, tmp))
+                                  .read_text())
+        except (MlflowException, OSError):
+            return {}
+
+
+def _local_folder(checkpoint):
+    """A folder holding the checkpoint: a Ray Checkpoint is downloaded if its storage is remote."""
+    return checkpoint.as_directory() if hasattr(checkpoint, "as_directory") else contextlib.nullcontext(checkpoint)
 
 
 def download_checkpoint(model_uri: str, tracking_uri: str | None = None) -> Path:

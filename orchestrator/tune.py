@@ -26,32 +26,22 @@ from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig, flatten, make_config, run_tags
+from .context import TuneContext, best_checkpoint
 from .data import PairDataset, validation_rows
 from .evaluation import baselines
-from .search_space import SearchSpace, SpaceError, load_space  # SpaceError: cli imports it from here
-from .ray_train import (Launch, RayContext, alive_node_count, build_trainer, check_gpu_share, connect, prepare_config,
-                        storage_path, worker_memory_budget)
-from .tracking import (MlflowTracker, check_tracking_uri, child_runs, client_for, end_run, log_params,
-                       register_checkpoint, resolve_tracking_uri, start_run)
+from .ray_train import (Launch, WorkerBudget, alive_node_count, build_trainer, check_gpu_share, connect,
+                        prepare_config, storage_path, with_planned_batch)
+from .search_space import SearchSpace, SpaceError, load_space
+from .tracking import TrackedRun, check_tracking_uri, child_runs, client_for, log_params, resolve_tracking_uri
 from .train import load_data, train_loop, worker_shards
 
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"
-FINAL_STATUSES = ("completed", "diverged", "infeasible")
 
 
 # ------------------------------------------------------------------------------------------------
 # One trial
-
-class TuneContext(RayContext):
-    """A Tune function trainable: one process, checkpoints reported to the trial's storage."""
-
-    def __init__(self, extra_metrics: dict[str, Any]):
-        import ray.tune
-        super().__init__(ray.tune.get_context().get_trial_dir(), extra_metrics)
-        self.api = ray.tune
-
 
 def trial_config(config: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
     """The TrainConfig of a trial and the values sampled for it."""
@@ -61,47 +51,50 @@ def trial_config(config: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
     return cfg, dict(config["sampled"])
 
 
-def _trial_run_id(sweep: dict[str, Any], trial_id: str, cfg: TrainConfig, sampled: dict[str, Any]) -> str:
-    """The trial's MLflow child run: found again by tag after a restore, else created."""
+def _trial_tags(sweep: dict[str, Any], trial_id: str, cfg: TrainConfig, sampled: dict[str, Any]) -> dict[str, str]:
+    """What a trial's run (and its registered version) is tagged with: lattice, preset, trial, sampled values."""
+    return {**run_tags(cfg, sweep["workers_per_trial"]), "trial_id": trial_id,
+            "sampled": json.dumps(sampled, default=str), "sweep": sweep["name"]}
+
+
+def _open_trial_run(sweep: dict[str, Any], trial_id: str, cfg: TrainConfig, sampled: dict[str, Any]) -> TrackedRun:
+    """The trial's MLflow child run: found again by its trial_id tag after a restore, else created."""
     found = child_runs(sweep["tracking_uri"], sweep["experiment"], sweep["parent_run_id"], "trial_id")
-    if trial_id in found:
-        return found[trial_id].info.run_id
-    return start_run(sweep["tracking_uri"], sweep["experiment"], trial_id, params=flatten(cfg),
-                     tags={**run_tags(cfg, sweep["workers_per_trial"]), "trial_id": trial_id, "status": "running",
-                           "sampled": json.dumps(sampled, default=str), "sweep": sweep["name"]},
-                     parent_run_id=sweep["parent_run_id"])
+    return TrackedRun.open(sweep["tracking_uri"], sweep["experiment"], trial_id, params=flatten(cfg),
+                           tags={**_trial_tags(sweep, trial_id, cfg, sampled), "status": "running"},
+                           parent_run_id=sweep["parent_run_id"],
+                           run_id=found[trial_id].info.run_id if trial_id in found else None)
 
 
 def run_trial(config: dict[str, Any], data: PairDataset, sweep: dict[str, Any]) -> None:
     """The function every Tune trial runs; `data` and the sweep's settings come through the object store."""
     import ray.tune
 
-    from .planner import MemoryBudgetError, plan_batch
+    from .planner import MemoryBudgetError
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg, sampled = trial_config(config)
-    run_id = _trial_run_id(sweep, trial_id, cfg, sampled)
-    extra = {"trial_id": trial_id, "mlflow_run_id": run_id}
+    run = _open_trial_run(sweep, trial_id, cfg, sampled)
+    extra = {"trial_id": trial_id, "mlflow_run_id": run.run_id}
     try:
-        plan = plan_batch(cfg.model.resolved(), sweep["trial_memory_bytes"], device_type=sweep["device_type"],
-                          max_batch=cfg.batch_size)
+        cfg = with_planned_batch(cfg, WorkerBudget(sweep["trial_memory_bytes"], sweep["device_type"]))
     except MemoryBudgetError as e:
         log.warning("trial %s is infeasible: %s", trial_id, e)
+        run.close(status="infeasible", reason=str(e))  # nothing trained: the trial ends its run itself
         # val_cosine -1 (the worst cosine) only keeps the scheduler's bookkeeping whole; the sweep
         # summary reports an infeasible trial without a score.
         ray.tune.report({**extra, "status": "infeasible", "reason": str(e), "val_cosine": -1.0, "step": 0})
         return
-    cfg = dataclasses.replace(cfg, batch_size=plan.batch)
     if sweep["workers_per_trial"] == 1:
         (worker_data,) = worker_shards(data, 1, cfg.val_max_samples)
-        train_loop(cfg, TuneContext(extra), MlflowTracker(sweep["tracking_uri"], run_id), data=worker_data)
+        train_loop(cfg, TuneContext(extra), run.tracker(), data=worker_data)
         return
     from ray.tune.integration.ray_train import TuneReportCallback
     launch = Launch(workers=sweep["workers_per_trial"], gpus_per_worker=sweep["gpus_per_trial"],
                     storage=str(Path(sweep["storage"]) / sweep["name"] / "trainers"),
                     max_failures=sweep["max_failures"])
-    trainer = build_trainer(prepare_config(cfg), launch, data, tracking_uri=sweep["tracking_uri"],
-                            mlflow_run_id=run_id, run_name=trial_id, callbacks=[TuneReportCallback()])
+    trainer = build_trainer(prepare_config(cfg), launch, data, run=run, run_name=trial_id,
+                            callbacks=[TuneReportCallback()])
     trainer.fit()
 
 
@@ -166,46 +159,35 @@ def _trial_resources(sweep: Sweep) -> dict[str, float]:
     return {"CPU": 1, **({"GPU": sweep.gpus_per_trial} if sweep.gpus_per_trial else {})}
 
 
-def _best_checkpoint(result, workers_per_trial: int) -> tuple[str | None, dict[str, Any]]:
-    """(path, metrics) of a trial's best checkpoint by validation cosine."""
+def _trial_checkpoints(result, workers_per_trial: int) -> list[tuple[Any, dict[str, Any]]]:
+    """A trial's checkpoints with their metrics: Tune's own for a function trainable; for a trial on
+    a TorchTrainer, the paths TuneReportCallback put into the reports it forwarded."""
     if workers_per_trial == 1:
-        candidates = [(c.path, m) for c, m in (result.best_checkpoints or [])]
-    else:  # TuneReportCallback puts the TorchTrainer's checkpoint path into the metrics
-        df = result.metrics_dataframe
-        candidates = [] if df is None or "checkpoint_path" not in df else [
-            (row["checkpoint_path"], row.to_dict()) for _, row in df.iterrows()
+        return list(result.best_checkpoints or [])
+    df = result.metrics_dataframe
+    if df is None or "checkpoint_path" not in df:
+        return []
+    return [(row["checkpoint_path"], row.to_dict()) for _, row in df.iterrows()
             if isinstance(row["checkpoint_path"], str)]
-    candidates = [(p, m) for p, m in candidates if isinstance(m.get("val_cosine"), (int, float))]
-    return max(candidates, key=lambda pm: pm[1]["val_cosine"]) if candidates else (None, {})
 
 
-def _finish_trial(uri: str, result, sweep: Sweep, trial_id: str, run_id: str | None) -> dict[str, Any]:
-    """Close a trial's child run: final status, its best checkpoint registered (once)."""
+def _finish_trial(result, sweep: dict[str, Any], trial_id: str, run_id: str | None) -> dict[str, Any]:
+    """Close a trial's child run (its best checkpoint registered once) and return its row of the sweep summary."""
     metrics = result.metrics or {}
-    status = metrics.get("status")
-    if result.error is not None:
-        status = "error"
-    elif status not in FINAL_STATUSES:
-        status = "stopped"  # ended by the scheduler before max_steps
-    path, best = _best_checkpoint(result, sweep.workers_per_trial)
-    version = None
-    client = client_for(uri)
-    run = client.get_run(run_id) if run_id else None
-    if run is not None and run.info.status != "RUNNING":
-        version = run.data.tags.get("model_version")  # closed by an earlier pass
-    elif run is not None:
-        client.set_tag(run_id, "status", status)
-        if metrics.get("reason"):
-            client.set_tag(run_id, "reason", metrics["reason"])
-        if path and status != "infeasible":
-            version = register_checkpoint(uri, run_id, path, tags={
-                "lattice": run.data.tags.get("lattice", ""), "preset": run.data.tags.get("preset", ""),
-                "run_id": run_id, "trial_id": trial_id, "step": str(best.get("step"))})
-        end_run(uri, run_id, status)
-    return {"trial_id": trial_id, "status": status, "mlflow_run_id": run_id, "model_version": version,
-            "val_cosine": best.get("val_cosine") if status != "infeasible" else None,
-            "val_top1": best.get("val_top1"), "steps": metrics.get("step"), "reason": metrics.get("reason"),
-            "train_time_s": metrics.get("time_total_s"), "checkpoint": path}
+    best = best_checkpoint(_trial_checkpoints(result, sweep["workers_per_trial"]))
+    error = "error" if result.error is not None else None
+    if run_id is None:  # the trial never got as far as its run
+        summary = {"status": error or "stopped", "model_version": None, "checkpoint": None}
+    else:
+        run = TrackedRun(sweep["tracking_uri"], run_id, _trial_tags(sweep, trial_id, *trial_config(result.config)))
+        # A trial that did not finish its loop was stopped by the scheduler before max_steps.
+        summary = run.close(best, status=error, unfinished="stopped")
+    best_metrics = best[1] if best else {}
+    status = summary["status"]
+    return {"trial_id": trial_id, "status": status, "mlflow_run_id": run_id, "model_version": summary["model_version"],
+            "val_cosine": best_metrics.get("val_cosine") if status != "infeasible" else None,
+            "val_top1": best_metrics.get("val_top1"), "steps": metrics.get("step"), "reason": summary.get("reason"),
+            "train_time_s": metrics.get("time_total_s"), "checkpoint": summary["checkpoint"]}
 
 
 def run_sweep(sweep: Sweep) -> dict[str, Any]:
@@ -227,10 +209,9 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
     check_tracking_uri(uri, alive_node_count())
     storage = storage_path(sweep.storage)
     sweep_dir = Path(storage) / sweep.experiment
-    device_type = "cuda" if sweep.gpus_per_trial else "cpu"
     concurrent = sweep.concurrency or max(1, int(_cluster_cpus() // max(1, sweep.workers_per_trial)))
-    budget = (int(sweep.trial_memory_gb * 2**30) if sweep.trial_memory_gb
-              else worker_memory_budget(1, sweep.gpus_per_trial, concurrent))
+    budget = (WorkerBudget(int(sweep.trial_memory_gb * 2**30), "cuda" if sweep.gpus_per_trial else "cpu")
+              if sweep.trial_memory_gb else WorkerBudget.probe(1, sweep.gpus_per_trial, concurrent))
     # The dataset is loaded (and embedded) once here, with its baselines, and reaches every trial
     # through the object store.
     data = load_data(base)
@@ -239,18 +220,18 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
     def settings_for_trials(parent_run_id: str) -> dict[str, Any]:
         return {"tracking_uri": uri, "experiment": sweep.experiment, "parent_run_id": parent_run_id,
                 "name": sweep.experiment, "storage": storage, "workers_per_trial": sweep.workers_per_trial,
-                "gpus_per_trial": sweep.gpus_per_trial, "trial_memory_bytes": budget, "device_type": device_type,
-                "max_failures": sweep.max_failures}
+                "gpus_per_trial": sweep.gpus_per_trial, "trial_memory_bytes": budget.budget_bytes,
+                "device_type": budget.device_type, "max_failures": sweep.max_failures}
 
     if sweep.resume:
         if not (sweep_dir / SWEEP_FILE).exists():
             raise SpaceError(f"no sweep to resume at {sweep_dir}")
         saved = json.loads((sweep_dir / SWEEP_FILE).read_text())
         info = {**settings_for_trials(saved["parent_run_id"]), **saved}  # a resumed sweep keeps its settings
-        parent_run_id = info["parent_run_id"]
+        parent = TrackedRun(uri, info["parent_run_id"])
         tuner = tune.Tuner.restore(str(sweep_dir), trainable=_trainable(data, info, sweep), resume_unfinished=True,
                                    resume_errored=True)
-        log.info("resuming sweep %s (MLflow parent run %s)", sweep_dir, parent_run_id)
+        log.info("resuming sweep %s (MLflow parent run %s)", sweep_dir, parent.run_id)
     else:
         if (sweep_dir / SWEEP_FILE).exists():
             raise SpaceError(f"a sweep named {sweep.experiment!r} already exists at {sweep_dir}; pass --resume to "
@@ -258,13 +239,13 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
         settings = {k: v for k, v in dataclasses.asdict(sweep).items() if k not in ("spaces", "sets", "resume")}
         params = {**{f"sweep.{k}": v for k, v in settings.items()},
                   **{f"space.{k}": v for k, v in space.describe().items()},
-                  **{f"set.{k}": v for k, v in sets.items()}, "sweep.trial_memory_bytes": budget}
-        parent_run_id = start_run(uri, sweep.experiment, f"sweep-{sweep.experiment}", params=params,
-                                  tags={"sweep": sweep.experiment, "preset": sweep.preset, "kind": "sweep"})
+                  **{f"set.{k}": v for k, v in sets.items()}, "sweep.trial_memory_bytes": budget.budget_bytes}
+        parent = TrackedRun.open(uri, sweep.experiment, f"sweep-{sweep.experiment}", params=params,
+                                 tags={"sweep": sweep.experiment, "preset": sweep.preset, "kind": "sweep"})
         client = client_for(uri)
         for name, text in space.files.items():
-            client.log_text(parent_run_id, text, f"spaces/{name}")
-        info = settings_for_trials(parent_run_id)
+            client.log_text(parent.run_id, text, f"spaces/{name}")
+        info = settings_for_trials(parent.run_id)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(info))
         scheduler = None
@@ -284,25 +265,25 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
     grid = tuner.fit()
     if _interrupted(sweep_dir, expected_trials=sweep.num_samples * space.grid_size()):
         log.warning("sweep %s was interrupted; continue it with --resume", sweep.experiment)
-        return {"status": "interrupted", "trials": [], "best": None, "parent_run_id": parent_run_id,
+        return {"status": "interrupted", "trials": [], "best": None, "parent_run_id": parent.run_id,
                 "tracking_uri": uri, "sweep_path": str(sweep_dir), "wall_time_s": time.perf_counter() - started,
                 "trial_train_time_s": 0.0}
 
-    run_ids = {trial: run.info.run_id for trial, run in child_runs(uri, sweep.experiment, parent_run_id,
+    run_ids = {trial: run.info.run_id for trial, run in child_runs(uri, sweep.experiment, parent.run_id,
                                                                      "trial_id").items()}
     trials = []
     for n, result in enumerate(grid):
         trial_id = (result.metrics or {}).get("trial_id") or f"unreported-{n}"  # never reached a report
-        row = _finish_trial(uri, result, sweep, trial_id, run_ids.get(trial_id))
+        row = _finish_trial(result, info, trial_id, run_ids.get(trial_id))
         row["params"] = {k: v for k, v in ((result.config or {}).get("sampled") or {}).items()}
         trials.append(row)
     trials.sort(key=lambda t: t["trial_id"])
     scored = [t for t in trials if isinstance(t["val_cosine"], (int, float)) and math.isfinite(t["val_cosine"])]
     best = max(scored, key=lambda t: t["val_cosine"]) if scored else None
-    _finish_parent(uri, parent_run_id, trials, best, space)
+    _finish_parent(parent, trials, best, space)
     wall = time.perf_counter() - started
     return {"status": "completed", "trials": trials, "best": best["trial_id"] if best else None,
-            "parent_run_id": parent_run_id,
+            "parent_run_id": parent.run_id,
             "tracking_uri": uri, "sweep_path": str(sweep_dir), "wall_time_s": wall,
             "trial_train_time_s": sum(t["train_time_s"] or 0.0 for t in trials)}
 
@@ -327,12 +308,12 @@ def _cluster_cpus() -> float:
     return ray.cluster_resources().get("CPU", 1.0)
 
 
-def _finish_parent(uri: str, run_id: str, trials: list[dict[str, Any]], best: dict[str, Any] | None,
+def _finish_parent(parent: TrackedRun, trials: list[dict[str, Any]], best: dict[str, Any] | None,
                    space: SearchSpace) -> None:
     import tempfile
 
     from .plots import parallel_coordinates
-    client = client_for(uri)
+    client, run_id = client_for(parent.uri), parent.run_id
     client.log_dict(run_id, {"trials": trials}, "trials.json")
     if best:
         client.set_tag(run_id, "best_trial", best["trial_id"])
@@ -346,4 +327,4 @@ def _finish_parent(uri: str, run_id: str, trials: list[dict[str, Any]], best: di
     with tempfile.TemporaryDirectory() as tmp:
         path = parallel_coordinates(trials, list(space.entries), Path(tmp) / "params_vs_val_cosine.png")
         client.log_artifact(run_id, str(path))
-    end_run(uri, run_id, "completed")
+    parent.end("completed")

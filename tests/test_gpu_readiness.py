@@ -53,7 +53,7 @@ def test_a_ray_trial_uses_the_device_ray_assigned_it(ray_instance):
 
     @ray.remote(num_cpus=0.5, num_gpus=0)
     def devices():
-        from orchestrator.ray_train import RayContext
+        from orchestrator.context import RayContext
         ctx = RayContext()
         try:
             ctx.device("cuda")

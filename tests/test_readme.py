@@ -73,10 +73,10 @@ def check_command(command: Command) -> None:
     elif program == "python" and words[1:3] == ["-m", "orchestrator"]:
         from orchestrator.cli import build_parser
         build_parser().parse_args(_shell_words(words)[3:])
-    elif program == "python" and words[1] == "jobs/progressive_scaling.py":
-        from orchestrator.progressive import build_parser
+    elif program == "python" and words[1] == "jobs/progressive_scaling.py":  # `python -m orchestrator scale`
+        from orchestrator.cli import build_parser
         assert (REPO / words[1]).is_file()
-        build_parser().parse_args(_shell_words(words)[2:])
+        build_parser().parse_args(["scale", *_shell_words(words)[2:]])
     elif program == "ray":
         from ray.scripts.scripts import cli
         _check_click(cli, words, command.text)
