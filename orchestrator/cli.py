@@ -179,36 +179,43 @@ def cmd_tune(args) -> int:
     from .config import make_config, parse_sets
     from .console import tool_command
     from .tracking import browse_lines, experiment_id, resolve_tracking_uri
-    from .tune import Sweep, asha_limits, load_space, run_sweep
+    from .tune import Sweep, check_sweep, load_space, run_sweep
     space = load_space(args.space)  # refuse bad files and values before Ray starts
     sets = parse_sets(args.set or [])
+    sweep = Sweep(
+        spaces=args.space, preset=args.preset, sets=sets, num_samples=args.num_samples, max_steps=args.max_steps,
+        search=args.search, scheduler=args.scheduler, metric=args.metric, pbt_interval=args.pbt_interval,
+        seed=args.seed, workers_per_trial=args.workers_per_trial, gpus_per_trial=args.gpus_per_trial,
+        concurrency=args.concurrency, resume=args.resume, experiment=args.experiment,
+        storage=args.storage, tracking_uri=args.mlflow_uri, address=args.address,
+        trial_memory_gb=args.trial_memory_gb)
     steps = {} if args.max_steps is None else {"max_steps": args.max_steps}
-    base = make_config(args.preset, {**sets, **steps})
-    if args.scheduler == "asha":
-        asha_limits(base, space)
+    check_sweep(sweep, make_config(args.preset, {**sets, **steps}), space)
     resolve_tracking_uri(args.mlflow_uri)
     setup_logging()
-    summary = run_sweep(Sweep(
-        spaces=args.space, preset=args.preset, sets=sets, num_samples=args.num_samples, max_steps=args.max_steps,
-        workers_per_trial=args.workers_per_trial, gpus_per_trial=args.gpus_per_trial,
-        concurrency=args.concurrency, scheduler=args.scheduler, resume=args.resume, experiment=args.experiment,
-        storage=args.storage, tracking_uri=args.mlflow_uri, address=args.address,
-        trial_memory_gb=args.trial_memory_gb))
+    summary = run_sweep(sweep)
     if args.summary_json:
         _write_json(args.summary_json, summary)
     if summary["status"] == "interrupted":
         print(f"\nsweep {args.experiment} interrupted; its state is saved under {summary['sweep_path']}. Continue "
               f"it with the same command plus --resume.")
         return 1
-    print(f"\nsweep {args.experiment}: {len(summary['trials'])} trials, best {summary['best']}")
-    print(f"  {'trial':22s} {'status':11s} {'val_cos':>8s} {'version':>7s}  params")
+    metric = summary["metric"]
+    print(f"\nsweep {args.experiment}: {len(summary['trials'])} trials, best {summary['best']} by {metric}")
+    print(f"  {'trial':22s} {'status':11s} {'val_cos':>8s} {'gain':>7s} {'steps':>6s} {'time s':>7s} {'version':>7s}"
+          f"  params")
     for t in summary["trials"]:
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in t["params"].items())
-        print(f"  {t['trial_id']:22s} {t['status']:11s} {_fmt(t['val_cosine']):>8s} {str(t['model_version']):>7s}  "
-              f"{params}" + (f"  ({t['reason']})" if t.get("reason") else ""))
+        m = t["metrics"]
+        wall = f"{m['wall_time_s']:.0f}" if isinstance(m["wall_time_s"], (int, float)) else "-"
+        print(f"  {t['trial_id']:22s} {t['status']:11s} {_fmt(t['val_cosine']):>8s} {_fmt(m['lattice_gain']):>7s} "
+              f"{str(m['steps']):>6s} {wall:>7s} {str(t['model_version']):>7s}  {params}"
+              + (f"  ({t['reason']})" if t.get("reason") else ""))
+    if summary["report"]:
+        print("\n" + "\n".join(f"  {line}" for line in summary["report"]["summary"].splitlines()))
     print(f"\n  wall time {summary['wall_time_s']:.0f} s, trials' own time {summary['trial_train_time_s']:.0f} s")
-    print(f"  MLflow parent run {summary['parent_run_id']}; compare with: {tool_command('python')} -m orchestrator "
-          f"compare --experiment {args.experiment}")
+    print(f"  MLflow parent run {summary['parent_run_id']} (report/ holds the plots); compare with: "
+          f"{tool_command('python')} -m orchestrator compare --experiment {args.experiment}")
     for line in browse_lines(summary["tracking_uri"], experiment_id(summary["tracking_uri"], args.experiment)):
         print(f"  {line}")
     return 0
@@ -444,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--teacher", default=DEFAULT_TEACHER)
     load.set_defaults(func=cmd_load)
 
+    from .tune import METRICS, SCHEDULERS, SEARCHES
     tune = sub.add_parser("tune", help="sweep hyperparameters with Ray Tune")
     tune.add_argument("--space", action="append", required=True, help="search-space YAML (repeatable; merged)")
     tune.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
@@ -451,7 +459,16 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--num-samples", type=int, default=4, help="samples drawn from the space (x grid size)")
     tune.add_argument("--max-steps", type=int, help="optimizer steps per trial")
     tune.add_argument("--concurrency", type=int, help="most trials at once (default: what the CPUs allow)")
-    tune.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
+    tune.add_argument("--search", choices=SEARCHES, default="random",
+                      help="random sampling, or optuna: TPE, which samples near the best trials so far")
+    tune.add_argument("--scheduler", choices=SCHEDULERS, default="asha",
+                      help="asha: stop weak trials early; fifo: run every trial to the end; pbt: population based "
+                           "training (weak trials copy strong ones' checkpoints and perturb lr and thresholds)")
+    tune.add_argument("--metric", choices=sorted(METRICS), default="val_cosine",
+                      help="what the search, the scheduler and the report maximise: " +
+                           "; ".join(f"{k}: {v}" for k, v in METRICS.items()))
+    tune.add_argument("--pbt-interval", type=int, help="PBT: steps between exploits (default: checkpoint_every)")
+    tune.add_argument("--seed", type=int, help="seed of the optuna sampler")
     tune.add_argument("--resume", action="store_true", help="continue the interrupted sweep of --experiment")
     tune.add_argument("--trial-memory-gb", type=float, help="memory budget per trial for the planner "
                                                            "(default: node memory / concurrent trials)")

@@ -183,12 +183,50 @@ class RayContext(RunContext):
 
 
 class TuneContext(RayContext):
-    """A Tune function trainable: one process, checkpoints reported to the trial's storage."""
+    """A Tune function trainable: one process, checkpoints reported to the trial's storage.
 
-    def __init__(self, extra_metrics: dict[str, Any]):
+    Every report carries the trial's wall time so far (`wall_time_s`, carried over from the
+    checkpoint it resumed from: a PBT exploit inherits its donor's time with its weights) and, given
+    the identity baseline's cosine, `val_cosine_per_hour`: the cosine gained over that baseline per
+    hour. A trial that resumed reports `resumed_from`, the history of its weights: one entry per
+    resume, the checkpoint's step and folder, which trial resumed and which saved it (another one:
+    a PBT exploit), and the step of the first report after it. The history
+    travels in the checkpoints, so a trial that copies another inherits the donor's."""
+
+    def __init__(self, extra_metrics: dict[str, Any], baseline_cosine: float | None = None):
         import ray.tune
         super().__init__(ray.tune.get_context().get_trial_dir(), extra_metrics)
         self.api = ray.tune
+        self.baseline_cosine = baseline_cosine
+        self.started, self.time_before = time.perf_counter(), 0.0
+        self.lineage: list[dict[str, Any]] = []
+
+    def resume_state(self):
+        import ray.tune
+        resumed = super().resume_state()
+        if resumed is not None:
+            state, source = resumed
+            self.time_before = float(state.get("wall_time_s", 0.0))
+            trial_id = ray.tune.get_context().get_trial_id()
+            saved_by = state.get("trial_id", trial_id)
+            self.lineage = list(state.get("lineage", [])) + [{
+                "step": int(state["step"]), "checkpoint": str(source), "trial": trial_id, "saved_by": saved_by,
+                "from_other_trial": saved_by != trial_id}]
+        return resumed
+
+    def report(self, step, metrics, checkpoint):
+        wall = self.time_before + time.perf_counter() - self.started
+        extra: dict[str, Any] = {"wall_time_s": wall}
+        cosine = metrics.get("val_cosine")
+        if self.baseline_cosine is not None and isinstance(cosine, (int, float)):
+            extra["val_cosine_per_hour"] = (cosine - self.baseline_cosine) / max(wall / 3600, 1e-9)
+        if self.lineage:
+            self.lineage[-1].setdefault("next_report_step", step)
+            extra["resumed_from"] = self.lineage
+        if checkpoint is not None:
+            checkpoint = {**checkpoint, "wall_time_s": wall, "lineage": self.lineage,
+                          "trial_id": self.api.get_context().get_trial_id()}
+        return super().report(step, {**metrics, **extra}, checkpoint)
 
 
 class RayTrainContext(RayContext):

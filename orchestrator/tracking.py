@@ -434,7 +434,7 @@ COMPARE_METRICS = tuple(mlflow_metric_name(k) for k in ("val_cosine", "val_top1"
 
 def compare_runs(experiment: str, tracking_uri: str | None = None, top: int = 10) -> str:
     """A text table of an experiment's best runs by validation cosine: key metrics and the params
-    that differ between them (sweep parent runs left out)."""
+    that differ between them (sweep parent runs left out of the table); then each sweep's report summary."""
     uri = resolve_tracking_uri(tracking_uri)
     client = client_for(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -444,8 +444,14 @@ def compare_runs(experiment: str, tracking_uri: str | None = None, top: int = 10
     runs = [r for r in client.search_runs([exp.experiment_id], order_by=[f"metrics.`{val_cosine}` DESC"],
                                           max_results=max(top * 3, 50))
             if r.data.tags.get("kind") != "sweep" and val_cosine in r.data.metrics][:top]
+    sweeps = [r for r in client.search_runs([exp.experiment_id], filter_string="tags.kind = 'sweep'")
+              if r.data.tags.get("mlflow.note.content")]
+    # A sweep's report summary is its parent run's description: the same lines `tune` printed.
+    report = "".join(f"\n\nsweep {r.info.run_name} ({r.data.tags.get('status', r.info.status.lower())}):\n"
+                     + "\n".join(f"  {line}" for line in r.data.tags["mlflow.note.content"].splitlines())
+                     for r in sweeps)
     if not runs:
-        return f"experiment {experiment!r} has no runs with a validation cosine yet"
+        return f"experiment {experiment!r} has no runs with a validation cosine yet" + report
     keys = sorted({k for r in runs for k in r.data.params})
     differing = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1 and k != "data_path"]
     header = ["run", "status", "lattice"] + list(COMPARE_METRICS)
@@ -461,4 +467,4 @@ def compare_runs(experiment: str, tracking_uri: str | None = None, top: int = 10
         for r in runs:
             name = r.info.run_name or r.info.run_id[:8]
             lines.append(f"  {name}: " + ", ".join(f"{k}={r.data.params.get(k, '-')}" for k in differing))
-    return "\n".join(lines)
+    return "\n".join(lines) + report

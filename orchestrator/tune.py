@@ -1,6 +1,16 @@
-"""Ray Tune sweeps: one trial per sampled config, ASHA, MLflow runs.
+"""Ray Tune sweeps: one trial per sampled config; random or Optuna (TPE) search; ASHA, FIFO or PBT
+scheduling; MLflow runs; a report that says which sampled parameters mattered.
 
 The search spaces come from YAML files (orchestrator/search_space.py: `load_space`).
+
+What a sweep optimises (`--metric`, see METRICS): validation cosine, the lattice's gain over its own
+skip path, or cosine gained per hour of training. Every trial records the steps it ran and its wall
+time whatever the metric, so the quality/time trade-off is visible in the report.
+
+Schedulers: ASHA stops weak trials early at rungs derived from the validation schedule
+(`asha_limits`); PBT (`pbt_scheduler`) lets a weak trial copy a strong one's latest checkpoint and
+perturb the fields that may change mid-training (PBT_MUTABLE); the copying trial resumes from
+exactly that checkpoint through the loop's own resume path.
 
 Trials with one worker run `train_loop` directly as a function trainable; trials with several
 workers launch a TorchTrainer inside the trial, whose reports reach Tune through
@@ -17,31 +27,73 @@ metrics plus a parallel-coordinates plot of sampled params against validation co
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, flatten, make_config, run_tags
+from .config import TrainConfig, flatten, make_config, resolved, run_tags
 from .context import TuneContext, best_checkpoint
 from .data import PairDataset, validation_rows
 from .evaluation import baselines
 from .ray_train import (Launch, WorkerBudget, alive_node_count, build_trainer, check_gpu_share, connect,
                         prepare_config, storage_path, with_planned_batch)
+from .plots import parallel_coordinates
 from .search_space import SearchSpace, SpaceError, load_space
+from .sweep_report import best_trial, sampled_params, write_report
 from .tracking import TrackedRun, check_tracking_uri, child_runs, client_for, log_params, resolve_tracking_uri
 from .train import load_data, train_loop, worker_shards
 
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"
+SEARCHES = ("random", "optuna")
+SCHEDULERS = ("asha", "fifo", "pbt")
+# What a sweep can maximise; each is in every validation report of a trial.
+METRICS = {
+    "val_cosine": "validation cosine of the prediction with the target embedding",
+    "lattice_gain": "validation cosine of the whole model minus that of its skip path alone: what the lattice adds",
+    "val_cosine_per_hour": "validation cosine gained over the identity baseline (the skip path's starting point) "
+                           "per hour of the trial's training: quality for the time spent",
+}
+# Fields PBT may change while a trial trains: each is read afresh at every step (lr by the schedule,
+# the thresholds by the flow processor) and none changes the model's shape or the optimizer's state,
+# so a trial can continue from another's checkpoint with new values. Everything else a trial
+# sampled is copied from the trial it exploits, with the weights.
+PBT_MUTABLE = ("lr", "min_lr", "model.spawn_threshold", "model.convergence_threshold")
 
 
 # ------------------------------------------------------------------------------------------------
 # One trial
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """What every trial of a sweep needs besides its config. Saved as sweep.json, so a resumed sweep
+    keeps the settings it started with."""
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    storage: str
+    workers_per_trial: int
+    gpus_per_trial: float
+    trial_memory_bytes: int
+    device_type: str
+    max_failures: int
+    metric: str = "val_cosine"
+    identity_cosine: float | None = None  # the baseline val_cosine_per_hour counts from
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def load(cls, path: Path) -> TrialSettings:
+        saved = json.loads(path.read_text())
+        saved.pop("name", None)  # sweeps saved before the settings were a dataclass
+        return cls(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(cls)}})
+
 
 def trial_config(config: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
     """The TrainConfig of a trial and the values sampled for it."""
@@ -51,22 +103,26 @@ def trial_config(config: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
     return cfg, dict(config["sampled"])
 
 
-def _trial_tags(sweep: dict[str, Any], trial_id: str, cfg: TrainConfig, sampled: dict[str, Any]) -> dict[str, str]:
+def _trial_tags(settings: TrialSettings, trial_id: str, cfg: TrainConfig, sampled: dict[str, Any]) -> dict[str, str]:
     """What a trial's run (and its registered version) is tagged with: lattice, preset, trial, sampled values."""
-    return {**run_tags(cfg, sweep["workers_per_trial"]), "trial_id": trial_id,
-            "sampled": json.dumps(sampled, default=str), "sweep": sweep["name"]}
+    return {**run_tags(cfg, settings.workers_per_trial), "trial_id": trial_id,
+            "sampled": json.dumps(sampled, default=str), "sweep": settings.experiment}
 
 
-def _open_trial_run(sweep: dict[str, Any], trial_id: str, cfg: TrainConfig, sampled: dict[str, Any]) -> TrackedRun:
-    """The trial's MLflow child run: found again by its trial_id tag after a restore, else created."""
-    found = child_runs(sweep["tracking_uri"], sweep["experiment"], sweep["parent_run_id"], "trial_id")
-    return TrackedRun.open(sweep["tracking_uri"], sweep["experiment"], trial_id, params=flatten(cfg),
-                           tags={**_trial_tags(sweep, trial_id, cfg, sampled), "status": "running"},
-                           parent_run_id=sweep["parent_run_id"],
-                           run_id=found[trial_id].info.run_id if trial_id in found else None)
+def _open_trial_run(settings: TrialSettings, trial_id: str, cfg: TrainConfig, sampled: dict[str, Any]) -> TrackedRun:
+    """The trial's MLflow child run: found again by its trial_id tag after a restore (or a PBT
+    exploit, which restarts the trial with new values: its tags then show them), else created."""
+    found = child_runs(settings.tracking_uri, settings.experiment, settings.parent_run_id, "trial_id")
+    tags = _trial_tags(settings, trial_id, cfg, sampled)
+    if trial_id in found:
+        run = TrackedRun(settings.tracking_uri, found[trial_id].info.run_id, tags)
+        client_for(settings.tracking_uri).set_tag(run.run_id, "sampled", tags["sampled"])
+        return run
+    return TrackedRun.open(settings.tracking_uri, settings.experiment, trial_id, params=flatten(cfg),
+                           tags={**tags, "status": "running"}, parent_run_id=settings.parent_run_id)
 
 
-def run_trial(config: dict[str, Any], data: PairDataset, sweep: dict[str, Any]) -> None:
+def run_trial(config: dict[str, Any], data: PairDataset, settings: TrialSettings) -> None:
     """The function every Tune trial runs; `data` and the sweep's settings come through the object store."""
     import ray.tune
 
@@ -74,25 +130,27 @@ def run_trial(config: dict[str, Any], data: PairDataset, sweep: dict[str, Any]) 
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg, sampled = trial_config(config)
-    run = _open_trial_run(sweep, trial_id, cfg, sampled)
+    run = _open_trial_run(settings, trial_id, cfg, sampled)
     extra = {"trial_id": trial_id, "mlflow_run_id": run.run_id}
     try:
-        cfg = with_planned_batch(cfg, WorkerBudget(sweep["trial_memory_bytes"], sweep["device_type"]))
+        cfg = with_planned_batch(cfg, WorkerBudget(settings.trial_memory_bytes, settings.device_type))
     except MemoryBudgetError as e:
         log.warning("trial %s is infeasible: %s", trial_id, e)
         run.close(status="infeasible", reason=str(e))  # nothing trained: the trial ends its run itself
-        # val_cosine -1 (the worst cosine) only keeps the scheduler's bookkeeping whole; the sweep
-        # summary reports an infeasible trial without a score.
-        ray.tune.report({**extra, "status": "infeasible", "reason": str(e), "val_cosine": -1.0, "step": 0})
+        # The worst value of each metric only keeps the scheduler's and the searcher's bookkeeping
+        # whole (the searcher learns the region is infeasible); the summary reports no score.
+        ray.tune.report({**extra, "status": "infeasible", "reason": str(e), "step": 0,
+                         **{metric: -1.0 for metric in METRICS}})
         return
-    if sweep["workers_per_trial"] == 1:
+    if settings.workers_per_trial == 1:
         (worker_data,) = worker_shards(data, 1, cfg.val_max_samples)
-        train_loop(cfg, TuneContext(extra), run.tracker(), data=worker_data)
+        train_loop(cfg, TuneContext(extra, baseline_cosine=settings.identity_cosine), run.tracker(),
+                   data=worker_data)
         return
     from ray.tune.integration.ray_train import TuneReportCallback
-    launch = Launch(workers=sweep["workers_per_trial"], gpus_per_worker=sweep["gpus_per_trial"],
-                    storage=str(Path(sweep["storage"]) / sweep["name"] / "trainers"),
-                    max_failures=sweep["max_failures"])
+    launch = Launch(workers=settings.workers_per_trial, gpus_per_worker=settings.gpus_per_trial,
+                    storage=str(Path(settings.storage) / settings.experiment / "trainers"),
+                    max_failures=settings.max_failures)
     trainer = build_trainer(prepare_config(cfg), launch, data, run=run, run_name=trial_id,
                             callbacks=[TuneReportCallback()])
     trainer.fit()
@@ -109,10 +167,14 @@ class Sweep:
     sets: dict[str, Any] = field(default_factory=dict)  # --set overrides for every trial
     num_samples: int = 4
     max_steps: int | None = None
+    search: str = "random"          # random sampling, or Optuna's TPE (model-based; learns from finished trials)
+    scheduler: str = "asha"         # asha: stop weak trials early; fifo: run all to the end; pbt: exploit/explore
+    metric: str = "val_cosine"      # what the search, the scheduler and the report maximise (METRICS)
+    pbt_interval: int | None = None  # PBT: steps between exploits (default: the trials' checkpoint_every)
+    seed: int | None = None          # the Optuna sampler's seed (random search: Tune's own)
     workers_per_trial: int = 1
     gpus_per_trial: float = 0.0
     concurrency: int | None = None
-    scheduler: str = "asha"
     resume: bool = False
     experiment: str = "energy-lattice-sweep"
     storage: str | None = None
@@ -123,6 +185,39 @@ class Sweep:
 
     def __post_init__(self):
         check_gpu_share(self.workers_per_trial, self.gpus_per_trial)
+        for name, value, allowed in (("--search", self.search, SEARCHES), ("--scheduler", self.scheduler, SCHEDULERS),
+                                     ("--metric", self.metric, tuple(METRICS))):
+            if value not in allowed:
+                raise SpaceError(f"{name} {value!r} is not one of {', '.join(allowed)}")
+        if self.search == "optuna" and self.scheduler == "pbt":
+            raise SpaceError("--scheduler pbt explores by perturbing the trials it runs; it takes no searcher, "
+                             "use --search random with it")
+        if self.pbt_interval is not None and self.pbt_interval < 1:
+            raise SpaceError(f"--pbt-interval={self.pbt_interval} must be at least 1 step")
+
+
+def check_sweep(sweep: Sweep, base: TrainConfig, space: SearchSpace) -> tuple[Any, Any]:
+    """Refuse a space the chosen search or scheduler cannot use, before Ray starts; return the
+    (scheduler, searcher) Tune is given (None for Tune's defaults)."""
+    if sweep.search == "optuna":
+        grids = [key for key, (dist, _) in space.entries.items() if dist == "grid"]
+        if grids:
+            raise SpaceError(f"--search optuna samples every value, so it cannot take the grid form "
+                             f"({', '.join(grids)}); write {{choice: [...]}} instead")
+    if sweep.scheduler == "asha":
+        grace_period, max_t = asha_limits(base, space)
+        from ray.tune.schedulers import ASHAScheduler
+        scheduler = ASHAScheduler(time_attr="step", max_t=max_t, reduction_factor=2, grace_period=grace_period,
+                                  stop_last_trials=False)  # a trial ends itself, after its summary
+    elif sweep.scheduler == "pbt":
+        scheduler = pbt_scheduler(base, space, sweep.pbt_interval)
+    else:
+        scheduler = None
+    searcher = None
+    if sweep.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+        searcher = OptunaSearch(seed=sweep.seed)  # TPE; metric and mode come from TuneConfig
+    return scheduler, searcher
 
 
 # Config fields that decide when a trial reports its validation cosine; ASHA's rungs are set from them.
@@ -140,15 +235,53 @@ def asha_limits(cfg: TrainConfig, space: SearchSpace) -> tuple[int, int]:
     its final summary and plots. When no report comes before the last step there is nothing to
     stop early, and the rungs lie past max_steps. Any max_steps >= 1 works.
     """
-    sampled = [key for key in REPORT_SCHEDULE_FIELDS if key in space.entries]
-    if sampled:
-        raise SpaceError(f"the space samples {', '.join(sampled)}, which ASHA's schedule is derived from; fix "
-                         f"{'it' if len(sampled) == 1 else 'them'} with --set or --max-steps, or use --scheduler fifo")
+    _refuse_sampled_schedule(space, "ASHA")
     first_report = min(cfg.val_every, cfg.checkpoint_every, cfg.max_steps)
     grace, last_rung = max(first_report, cfg.max_steps // 4), cfg.max_steps - 1
     if grace > last_rung:
         return cfg.max_steps + 1, cfg.max_steps + 1
     return grace, last_rung
+
+
+def _refuse_sampled_schedule(space: SearchSpace, scheduler: str) -> None:
+    sampled = [key for key in REPORT_SCHEDULE_FIELDS if key in space.entries]
+    if sampled:
+        raise SpaceError(f"the space samples {', '.join(sampled)}, which {scheduler}'s schedule is derived from; fix "
+                         f"{'it' if len(sampled) == 1 else 'them'} with --set or --max-steps, or use --scheduler fifo")
+
+
+def pbt_scheduler(cfg: TrainConfig, space: SearchSpace, interval: int | None):
+    """Population Based Training over the space's PBT_MUTABLE fields, in optimizer steps.
+
+    An exploit restores the donor's latest *reported* checkpoint, so exploits happen only at steps
+    that report one: the interval defaults to checkpoint_every and must be a multiple of it.
+    Perturbed values are clipped to the space's bounds (a threshold pushed past its allowed range
+    would fail the trial instead of exploring)."""
+    from ray.tune.schedulers import PopulationBasedTraining
+    _refuse_sampled_schedule(space, "PBT")
+    mutable = {key: spec for key, spec in space.entries.items() if key in PBT_MUTABLE}
+    if not mutable:
+        raise SpaceError(f"--scheduler pbt needs the space to sample at least one field that may change during "
+                         f"training ({', '.join(PBT_MUTABLE)}); this one samples {', '.join(space.entries)}")
+    interval = interval or cfg.checkpoint_every
+    if interval % cfg.checkpoint_every:
+        raise SpaceError(f"--pbt-interval={interval} must be a multiple of checkpoint_every={cfg.checkpoint_every}: "
+                         f"a trial can only copy a checkpoint its donor reported")
+    domains = space.param_space()
+    return PopulationBasedTraining(
+        time_attr="step", perturbation_interval=interval,
+        hyperparam_mutations={"sampled": {key: domains[key] for key in mutable}},
+        custom_explore_fn=functools.partial(_clip_to_space, bounds={
+            key: (min(args[:2]), max(args[:2])) for key, (dist, args) in mutable.items()
+            if dist in ("uniform", "loguniform", "randint", "quniform")}))
+
+
+def _clip_to_space(config: dict[str, Any], bounds: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    sampled = config["sampled"]
+    for key, (low, high) in bounds.items():
+        if key in sampled:
+            sampled[key] = type(sampled[key])(min(max(sampled[key], low), high))
+    return config
 
 
 def _trial_resources(sweep: Sweep) -> dict[str, float]:
@@ -171,23 +304,50 @@ def _trial_checkpoints(result, workers_per_trial: int) -> list[tuple[Any, dict[s
             if isinstance(row["checkpoint_path"], str)]
 
 
-def _finish_trial(result, sweep: dict[str, Any], trial_id: str, run_id: str | None) -> dict[str, Any]:
-    """Close a trial's child run (its best checkpoint registered once) and return its row of the sweep summary."""
-    metrics = result.metrics or {}
-    best = best_checkpoint(_trial_checkpoints(result, sweep["workers_per_trial"]))
+# What a trial row's `metrics` (the sweep report's record) holds besides the sweep's metric.
+TRIAL_METRICS = ("val_cosine", "val_top1", "lattice_gain", "val_cosine_lattice_only", "val_cosine_skip_only",
+                 "val_cosine_per_hour")
+
+
+def _finish_trial(result, settings: TrialSettings, trial_id: str, run_id: str | None) -> dict[str, Any]:
+    """Close a trial's child run (its best checkpoint registered once) and return its row of the
+    sweep summary, which is also its record for the sweep report (`params`, `metrics`, `status`)."""
+    last = result.metrics or {}
+    best = best_checkpoint(_trial_checkpoints(result, settings.workers_per_trial))
     error = "error" if result.error is not None else None
     if run_id is None:  # the trial never got as far as its run
         summary = {"status": error or "stopped", "model_version": None, "checkpoint": None}
     else:
-        run = TrackedRun(sweep["tracking_uri"], run_id, _trial_tags(sweep, trial_id, *trial_config(result.config)))
+        run = TrackedRun(settings.tracking_uri, run_id, _trial_tags(settings, trial_id, *trial_config(result.config)))
         # A trial that did not finish its loop was stopped by the scheduler before max_steps.
         summary = run.close(best, status=error, unfinished="stopped")
-    best_metrics = best[1] if best else {}
     status = summary["status"]
+    scored = status != "infeasible"
+    best_metrics = best[1] if best and scored else {}
+    reason = summary.get("reason")
+    if status == "stopped":
+        # ASHA ended it at a rung: say where, and what its last validation measured
+        reason = ("ended before its first report" if last.get("step") is None else
+                  f"stopped by the scheduler at step {last['step']}; last validation: val_cosine "
+                  f"{_fmt_metric(last.get('val_cosine'))}, lattice_gain {_fmt_metric(last.get('lattice_gain'))}")
+    metrics = {key: best_metrics.get(key) for key in TRIAL_METRICS}
+    cfg = resolved(trial_config(result.config)[0]) if result.config else None
+    metrics.update(steps=last.get("step"), wall_time_s=last.get("wall_time_s") or last.get("time_total_s"),
+                   mean_steps_used=last.get("mean_steps_used") or last.get("val_steps_used"),
+                   max_flow_steps=cfg.model.max_steps if cfg else None,
+                   exploits=sum(1 for r in last.get("resumed_from") or [] if r["trial"] == trial_id
+                                and r["from_other_trial"]))
+    if settings.metric not in metrics:
+        metrics[settings.metric] = best_metrics.get(settings.metric)
     return {"trial_id": trial_id, "status": status, "mlflow_run_id": run_id, "model_version": summary["model_version"],
-            "val_cosine": best_metrics.get("val_cosine") if status != "infeasible" else None,
-            "val_top1": best_metrics.get("val_top1"), "steps": metrics.get("step"), "reason": summary.get("reason"),
-            "train_time_s": metrics.get("time_total_s"), "checkpoint": summary["checkpoint"]}
+            "val_cosine": metrics["val_cosine"], "val_top1": metrics["val_top1"], "steps": metrics["steps"],
+            "wall_time_s": metrics["wall_time_s"], "reason": reason, "checkpoint": summary["checkpoint"],
+            "params": dict((result.config or {}).get("sampled") or {}), "metrics": metrics,
+            "resumed_from": last.get("resumed_from") or []}
+
+
+def _fmt_metric(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "none"
 
 
 def run_sweep(sweep: Sweep) -> dict[str, Any]:
@@ -201,7 +361,7 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
         sets["max_steps"] = sweep.max_steps
     uri = resolve_tracking_uri(sweep.tracking_uri)
     base = make_config(sweep.preset, sets)
-    grace_period, max_t = asha_limits(base, space) if sweep.scheduler == "asha" else (None, None)
+    scheduler, searcher = check_sweep(sweep, base, space)
     base = prepare_config(base)  # builds the corpus once
     sets["data_path"] = base.data_path
 
@@ -217,27 +377,20 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
     data = load_data(base)
     data = dataclasses.replace(data, baselines=baselines(data.train, validation_rows(data, base.val_max_samples)))
 
-    def settings_for_trials(parent_run_id: str) -> dict[str, Any]:
-        return {"tracking_uri": uri, "experiment": sweep.experiment, "parent_run_id": parent_run_id,
-                "name": sweep.experiment, "storage": storage, "workers_per_trial": sweep.workers_per_trial,
-                "gpus_per_trial": sweep.gpus_per_trial, "trial_memory_bytes": budget.budget_bytes,
-                "device_type": budget.device_type, "max_failures": sweep.max_failures}
-
     if sweep.resume:
         if not (sweep_dir / SWEEP_FILE).exists():
             raise SpaceError(f"no sweep to resume at {sweep_dir}")
-        saved = json.loads((sweep_dir / SWEEP_FILE).read_text())
-        info = {**settings_for_trials(saved["parent_run_id"]), **saved}  # a resumed sweep keeps its settings
-        parent = TrackedRun(uri, info["parent_run_id"])
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable=_trainable(data, info, sweep), resume_unfinished=True,
+        settings = TrialSettings.load(sweep_dir / SWEEP_FILE)  # a resumed sweep keeps its settings
+        parent = TrackedRun(uri, settings.parent_run_id)
+        tuner = tune.Tuner.restore(str(sweep_dir), trainable=_trainable(data, settings, sweep), resume_unfinished=True,
                                    resume_errored=True)
         log.info("resuming sweep %s (MLflow parent run %s)", sweep_dir, parent.run_id)
     else:
         if (sweep_dir / SWEEP_FILE).exists():
             raise SpaceError(f"a sweep named {sweep.experiment!r} already exists at {sweep_dir}; pass --resume to "
                              f"continue it or choose another --experiment")
-        settings = {k: v for k, v in dataclasses.asdict(sweep).items() if k not in ("spaces", "sets", "resume")}
-        params = {**{f"sweep.{k}": v for k, v in settings.items()},
+        request = {k: v for k, v in dataclasses.asdict(sweep).items() if k not in ("spaces", "sets", "resume")}
+        params = {**{f"sweep.{k}": v for k, v in request.items()},
                   **{f"space.{k}": v for k, v in space.describe().items()},
                   **{f"set.{k}": v for k, v in sets.items()}, "sweep.trial_memory_bytes": budget.budget_bytes}
         parent = TrackedRun.open(uri, sweep.experiment, f"sweep-{sweep.experiment}", params=params,
@@ -245,54 +398,53 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
         client = client_for(uri)
         for name, text in space.files.items():
             client.log_text(parent.run_id, text, f"spaces/{name}")
-        info = settings_for_trials(parent.run_id)
+        settings = TrialSettings(
+            tracking_uri=uri, experiment=sweep.experiment, parent_run_id=parent.run_id, storage=storage,
+            workers_per_trial=sweep.workers_per_trial, gpus_per_trial=sweep.gpus_per_trial,
+            trial_memory_bytes=budget.budget_bytes, device_type=budget.device_type, max_failures=sweep.max_failures,
+            metric=sweep.metric, identity_cosine=data.baselines.get("baseline_identity_cosine"))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / SWEEP_FILE).write_text(json.dumps(info))
-        scheduler = None
-        if sweep.scheduler == "asha":
-            from ray.tune.schedulers import ASHAScheduler
-            scheduler = ASHAScheduler(time_attr="step", max_t=max_t, reduction_factor=2, grace_period=grace_period,
-                                      stop_last_trials=False)  # a trial ends itself, after its summary
+        settings.save(sweep_dir / SWEEP_FILE)
         tuner = tune.Tuner(
-            _trainable(data, info, sweep),
+            _trainable(data, settings, sweep),
             param_space={"preset": sweep.preset, "set": sets, "sampled": space.param_space()},
-            tune_config=tune.TuneConfig(num_samples=sweep.num_samples, metric="val_cosine", mode="max",
-                                        scheduler=scheduler, max_concurrent_trials=sweep.concurrency),
+            tune_config=tune.TuneConfig(num_samples=sweep.num_samples, metric=sweep.metric, mode="max",
+                                        scheduler=scheduler, search_alg=searcher,
+                                        max_concurrent_trials=sweep.concurrency),
             run_config=tune.RunConfig(
                 name=sweep.experiment, storage_path=storage,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_cosine",
-                                                        checkpoint_score_order="max")))
+                # PBT needs the checkpoint each donor reported last, whatever its score
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=None if sweep.scheduler == "pbt" else 2,
+                    checkpoint_score_attribute="val_cosine", checkpoint_score_order="max")))
     grid = tuner.fit()
     if _interrupted(sweep_dir, expected_trials=sweep.num_samples * space.grid_size()):
         log.warning("sweep %s was interrupted; continue it with --resume", sweep.experiment)
         return {"status": "interrupted", "trials": [], "best": None, "parent_run_id": parent.run_id,
                 "tracking_uri": uri, "sweep_path": str(sweep_dir), "wall_time_s": time.perf_counter() - started,
-                "trial_train_time_s": 0.0}
+                "trial_train_time_s": 0.0, "report": None}
 
-    run_ids = {trial: run.info.run_id for trial, run in child_runs(uri, sweep.experiment, parent.run_id,
+    run_ids = {trial: run.info.run_id for trial, run in child_runs(uri, settings.experiment, parent.run_id,
                                                                      "trial_id").items()}
     trials = []
     for n, result in enumerate(grid):
         trial_id = (result.metrics or {}).get("trial_id") or f"unreported-{n}"  # never reached a report
-        row = _finish_trial(result, info, trial_id, run_ids.get(trial_id))
-        row["params"] = {k: v for k, v in ((result.config or {}).get("sampled") or {}).items()}
-        trials.append(row)
+        trials.append(_finish_trial(result, settings, trial_id, run_ids.get(trial_id)))
     trials.sort(key=lambda t: t["trial_id"])
-    scored = [t for t in trials if isinstance(t["val_cosine"], (int, float)) and math.isfinite(t["val_cosine"])]
-    best = max(scored, key=lambda t: t["val_cosine"]) if scored else None
-    _finish_parent(parent, trials, best, space)
+    best = best_trial(trials, settings.metric)
+    report = _finish_parent(parent, trials, best, settings.metric)
     wall = time.perf_counter() - started
     return {"status": "completed", "trials": trials, "best": best["trial_id"] if best else None,
-            "parent_run_id": parent.run_id,
+            "metric": settings.metric, "parent_run_id": parent.run_id,
             "tracking_uri": uri, "sweep_path": str(sweep_dir), "wall_time_s": wall,
-            "trial_train_time_s": sum(t["train_time_s"] or 0.0 for t in trials)}
+            "trial_train_time_s": sum(t["wall_time_s"] or 0.0 for t in trials), "report": report}
 
 
-def _trainable(data: PairDataset, info: dict[str, Any], sweep: Sweep):
+def _trainable(data: PairDataset, settings: TrialSettings, sweep: Sweep):
     """run_trial with the data and the sweep's settings as parameters: kept out of the trials' config,
     Tune's tables of each trial show the values that vary, not the plumbing."""
     from ray import tune
-    return tune.with_resources(tune.with_parameters(run_trial, data=data, sweep=info), _trial_resources(sweep))
+    return tune.with_resources(tune.with_parameters(run_trial, data=data, settings=settings), _trial_resources(sweep))
 
 
 def _interrupted(sweep_dir: Path, expected_trials: int) -> bool:
@@ -309,22 +461,32 @@ def _cluster_cpus() -> float:
 
 
 def _finish_parent(parent: TrackedRun, trials: list[dict[str, Any]], best: dict[str, Any] | None,
-                   space: SearchSpace) -> None:
+                   metric: str) -> dict[str, Any]:
+    """The parent run gets the trials, the best trial's config and metrics, and the sweep report
+    (importance, parallel coordinates, quality vs time with its Pareto front, the summary lines,
+    which are also the run's MLflow description); return the report."""
     import tempfile
 
-    from .plots import parallel_coordinates
     client, run_id = client_for(parent.uri), parent.run_id
     client.log_dict(run_id, {"trials": trials}, "trials.json")
     if best:
         client.set_tag(run_id, "best_trial", best["trial_id"])
-        for key, value in (("best_val_cosine", best["val_cosine"]), ("best_val_top1", best["val_top1"])):
-            if value is not None:
-                client.log_metric(run_id, key, value)
+        for key in dict.fromkeys(("val_cosine", "val_top1", metric)):
+            value = best["metrics"].get(key)
+            if isinstance(value, (int, float)):
+                client.log_metric(run_id, f"best_{key}", value)
         best_run = client.get_run(best["mlflow_run_id"])
         client.log_dict(run_id, best_run.data.params, "best_config.json")
         logged = client.get_run(run_id).data.params
         log_params(client, run_id, {f"best.{k}": v for k, v in best["params"].items() if f"best.{k}" not in logged})
     with tempfile.TemporaryDirectory() as tmp:
-        path = parallel_coordinates(trials, list(space.entries), Path(tmp) / "params_vs_val_cosine.png")
-        client.log_artifact(run_id, str(path))
+        report = write_report(trials, metric, tmp)
+        client.log_artifacts(run_id, tmp, "report")
+        # the first figure the sweep had, kept where earlier sweeps put it
+        client.log_artifact(run_id, str(parallel_coordinates(trials, sampled_params(trials),
+                                                             Path(tmp) / "params_vs_val_cosine.png")))
+    for name, share in report["importance"].items():
+        client.log_metric(run_id, f"importance/{name}", share)
+    client.set_tag(run_id, "mlflow.note.content", report["summary"])  # the run page's description
     parent.end("completed")
+    return report

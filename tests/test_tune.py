@@ -1,6 +1,7 @@
 """Ray Tune sweeps on the shared Ray instance, with MLflow parent/child runs in SQLite."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,10 +11,12 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from orchestrator.checkpoint import META_FILE
 from orchestrator.config import make_config
 from orchestrator.tracking import compare_runs
 from orchestrator.search_space import SpaceError, load_space
-from orchestrator.tune import Sweep, asha_limits, run_sweep
+from orchestrator.tune import (PBT_MUTABLE, Sweep, TrialSettings, _clip_to_space, _finish_trial, asha_limits,
+                               check_sweep, pbt_scheduler, run_sweep)
 
 REPO = Path(__file__).resolve().parents[1]
 SPACES = REPO / "tune_spaces"
@@ -84,6 +87,63 @@ def test_asha_refuses_a_space_that_samples_its_schedule(tmp_path):
     space.write_text("max_steps: {choice: [10, 20]}\ncheckpoint_every: {choice: [5, 10]}\n")
     with pytest.raises(SpaceError, match="the space samples max_steps, checkpoint_every, which ASHA's schedule"):
         asha_limits(make_config("smoke"), load_space([space]))
+
+
+# ---- search and scheduler choices (no Ray started) ----------------------------------------------
+
+def test_optuna_refuses_the_grid_form_naming_the_keys(tmp_path):
+    space = tmp_path / "grid.yaml"
+    space.write_text("model.max_spawn_per_step: {grid: [0, 2]}\nlr: {loguniform: [1.0e-4, 1.0e-2]}\n")
+    with pytest.raises(SpaceError, match=r"--search optuna .* grid form \(model.max_spawn_per_step\); write \{choice"):
+        check_sweep(Sweep(spaces=[str(space)], search="optuna", scheduler="fifo"), make_config("smoke"),
+                    load_space([space]))
+
+
+@pytest.mark.parametrize("kw, problem", [
+    (dict(search="optuna", scheduler="pbt"), "--scheduler pbt explores by perturbing"),
+    (dict(search="bayes"), "--search 'bayes' is not one of random, optuna"),
+    (dict(metric="val_loss"), "--metric 'val_loss' is not one of val_cosine, lattice_gain, val_cosine_per_hour"),
+    (dict(scheduler="pbt", pbt_interval=0), "--pbt-interval=0 must be at least 1 step"),
+])
+def test_sweep_settings_that_cannot_work_are_refused(kw, problem):
+    with pytest.raises(SpaceError, match=re.escape(problem)):
+        Sweep(spaces=[], **kw)
+
+
+def test_pbt_varies_only_fields_that_may_change_while_training(tmp_path):
+    with pytest.raises(SpaceError, match="--scheduler pbt needs the space to sample at least one field that may "
+                                         "change during training"):
+        pbt_scheduler(make_config("smoke"), load_space([SPACES / "architecture.yaml"]), None)
+    space = tmp_path / "pbt.yaml"
+    space.write_text("lr: {loguniform: [1.0e-4, 1.0e-2]}\nmodel.spawn_threshold: {uniform: [0.05, 0.3]}\n"
+                     "model.skip: {choice: [true, false]}\n")
+    cfg = make_config("smoke", {"checkpoint_every": 4})
+    with pytest.raises(SpaceError, match="--pbt-interval=6 must be a multiple of checkpoint_every=4"):
+        pbt_scheduler(cfg, load_space([space]), 6)
+    scheduler = pbt_scheduler(cfg, load_space([space]), None)
+    assert scheduler._perturbation_interval == 4
+    assert set(scheduler._hyperparam_mutations["sampled"]) == {"lr", "model.spawn_threshold"} <= set(PBT_MUTABLE)
+    # a perturbation (x1.2, x0.8) past the space's bounds is pulled back inside them
+    clipped = _clip_to_space({"sampled": {"lr": 0.05, "model.spawn_threshold": 0.01, "model.skip": True}},
+                             {"lr": (1e-4, 1e-2), "model.spawn_threshold": (0.05, 0.3)})
+    assert clipped["sampled"] == {"lr": 1e-2, "model.spawn_threshold": 0.05, "model.skip": True}
+
+
+def test_a_stopped_trial_says_at_which_step_and_what_it_last_measured(tmp_path):
+    from ray.tune import Result
+    settings = TrialSettings(tracking_uri="sqlite:///unused.db", experiment="e", parent_run_id="p", storage="s",
+                             workers_per_trial=1, gpus_per_trial=0.0, trial_memory_bytes=1, device_type="cpu",
+                             max_failures=1)
+    config = {"preset": "smoke", "set": {}, "sampled": {"model.spawn_threshold": 0.2}}
+    result = Result(metrics={"step": 8, "val_cosine": 0.38, "lattice_gain": -0.03, "wall_time_s": 3.5,
+                             "val_steps_used": 5.0, "config": config},
+                    checkpoint=None, error=None, path=str(tmp_path))
+    row = _finish_trial(result, settings, "t1", run_id=None)
+    assert row["status"] == "stopped"
+    assert row["reason"] == "stopped by the scheduler at step 8; last validation: val_cosine 0.3800, lattice_gain -0.0300"
+    assert row["metrics"]["steps"] == 8 and row["metrics"]["wall_time_s"] == 3.5
+    assert row["metrics"]["mean_steps_used"] == 5.0 and row["metrics"]["max_flow_steps"] > 0
+    assert row["params"] == {"model.spawn_threshold": 0.2}
 
 
 # ---- sweeps -------------------------------------------------------------------------------------
@@ -178,11 +238,12 @@ def test_multi_worker_trials_run_on_a_torch_trainer(tmp_path, ray_instance, corp
 
 
 @pytest.mark.ray
-def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, ray_instance, corpus_path):
+def test_an_interrupted_optuna_sweep_resumes_without_rerunning_finished_trials(tmp_path, ray_instance, corpus_path):
     import ray
-    cfg = sweep(tmp_path, corpus_path, num_samples=3, concurrency=1, scheduler="fifo", max_steps=12)
+    # with Optuna's TPE, whose state (the trials it was told of) Tune saves and restores with the sweep
+    cfg = sweep(tmp_path, corpus_path, num_samples=3, concurrency=1, scheduler="fifo", max_steps=12, search="optuna")
     cmd = [sys.executable, "-m", "orchestrator", "tune", "--space", cfg.spaces[0], "--preset", "smoke",
-           "--num-samples", "3", "--max-steps", "12", "--concurrency", "1", "--scheduler", "fifo",
+           "--num-samples", "3", "--max-steps", "12", "--concurrency", "1", "--scheduler", "fifo", "--search", "optuna",
            "--experiment", cfg.experiment, "--storage", cfg.storage, "--mlflow-uri", cfg.tracking_uri,
            "--address", ray.get_runtime_context().gcs_address]
     for key, value in cfg.sets.items():
@@ -213,3 +274,57 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     client = MlflowClient(summary["tracking_uri"])
     children = children_of(client, cfg.experiment, summary["parent_run_id"])
     assert len(children) == 3, "a restored trial must log into its own child run, not a new one"
+
+
+@pytest.mark.ray
+def test_an_optuna_sweep_samples_inside_the_space_and_reports_what_mattered(tmp_path, ray_instance, corpus_path):
+    space = tmp_path / "mixed.yaml"
+    space.write_text("model.spawn_threshold: {uniform: [0.05, 0.3]}\nlr: {loguniform: [1.0e-4, 1.0e-2]}\n"
+                     "model.convergence_patience: {randint: [1, 6]}\nmodel.max_spawn_per_step: {choice: [0, 2]}\n")
+    summary = run_sweep(sweep(tmp_path, corpus_path, spaces=[str(space)], search="optuna", seed=0, scheduler="fifo",
+                              max_steps=4, metric="lattice_gain"))
+    trials = summary["trials"]
+    assert len(trials) == 4 and all(t["status"] == "completed" for t in trials), trials
+    for t in trials:
+        p, m = t["params"], t["metrics"]
+        assert isinstance(p["model.spawn_threshold"], float) and 0.05 <= p["model.spawn_threshold"] <= 0.3
+        assert isinstance(p["lr"], float) and 1e-4 <= p["lr"] <= 1e-2
+        assert isinstance(p["model.convergence_patience"], int) and 1 <= p["model.convergence_patience"] <= 5
+        assert p["model.max_spawn_per_step"] in (0, 2)
+        assert m["steps"] == 4 and m["wall_time_s"] > 0 and isinstance(m["lattice_gain"], float)
+        assert isinstance(m["val_cosine_per_hour"], float)
+    assert summary["metric"] == "lattice_gain"
+    assert summary["best"] == max(trials, key=lambda t: t["metrics"]["lattice_gain"])["trial_id"]
+
+    client = MlflowClient(summary["tracking_uri"])
+    parent = client.get_run(summary["parent_run_id"])
+    report_files = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/sweep_report.json", "report/parallel_coordinates.png", "report/quality_vs_time.png",
+            "report/parameter_importance.png"} <= report_files
+    report = summary["report"]
+    assert report["metric"] == "lattice_gain" and set(report["pareto_front"]) <= {t["trial_id"] for t in trials}
+    assert parent.data.tags["mlflow.note.content"] == report["summary"]
+    assert f"best trial {summary['best']} (lattice_gain" in report["summary"]
+    assert parent.data.params["sweep.search"] == "optuna"
+    assert report["summary"] in compare_runs("sweep-test", summary["tracking_uri"]).replace("\n  ", "\n")
+
+
+@pytest.mark.ray
+def test_a_pbt_exploit_continues_from_the_donors_checkpoint(tmp_path, ray_instance, corpus_path):
+    space = tmp_path / "pbt.yaml"
+    space.write_text("lr: {loguniform: [1.0e-4, 1.0e-2]}\nmodel.spawn_threshold: {uniform: [0.05, 0.3]}\n")
+    summary = run_sweep(sweep(tmp_path, corpus_path, spaces=[str(space)], num_samples=2, scheduler="pbt",
+                              max_steps=16, concurrency=2))
+    assert all(t["status"] == "completed" and t["steps"] == 16 for t in summary["trials"]), summary["trials"]
+    exploits = [(t, entry) for t in summary["trials"] for entry in t["resumed_from"]
+                if entry["trial"] == t["trial_id"] and entry["from_other_trial"]]
+    assert exploits, "no trial exploited another in 16 steps with an interval of 4"
+    for trial, entry in exploits:
+        donor_checkpoint = Path(entry["checkpoint"])
+        assert entry["saved_by"] != trial["trial_id"] and entry["saved_by"] in donor_checkpoint.parent.name
+        donor_step = json.loads((donor_checkpoint / META_FILE).read_text())["step"]
+        assert entry["step"] == donor_step
+        assert entry["next_report_step"] == donor_step + 4, "the next report continues from the donor's step"
+        assert trial["metrics"]["exploits"] >= 1
+        explored = trial["params"]
+        assert 1e-4 <= explored["lr"] <= 1e-2 and 0.05 <= explored["model.spawn_threshold"] <= 0.3
