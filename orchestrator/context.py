@@ -1,8 +1,9 @@
 """Where `train_loop` runs: the one small interface that differs between a plain process, a Ray
 Tune trial and a Ray Train worker, plus the tracker that records params, metrics and artifacts.
 
-RunContext answers: which rank am I, on which device, which checkpoint do I resume from, and where
-do reports and checkpoints go. All three live here: `LocalContext` (a plain process),
+RunContext answers: which rank am I, on which device, which checkpoint do I resume from, where
+do reports and checkpoints go, and which test faults fire (`faults`, see orchestrator.faults;
+`Faults()`, nothing, unless the launcher was given some). All three live here: `LocalContext` (a plain process),
 `TuneContext` (a Tune function trainable) and `RayTrainContext` (a worker of a TorchTrainer). Ray
 is imported inside their methods only, so `model/`, `orchestrator.train` and this module import
 in a process that has no Ray (gpu-check runs there).
@@ -30,6 +31,7 @@ from torch import nn
 from model.config import ConfigError
 
 from .checkpoint import META_FILE, list_checkpoints, load_checkpoint, save_checkpoint
+from .faults import Faults
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class RunContext:
     """The plain-process defaults: rank 0 of 1, nothing to resume, reports dropped."""
     rank: int = 0
     world_size: int = 1
+    faults: Faults = Faults()  # test faults for train_loop to fire; a launcher may hand some in
 
     def device(self, requested: str) -> torch.device:
         return choose_device(requested, torch.cuda.is_available(), "torch sees no CUDA device here")
@@ -91,8 +94,10 @@ class LocalContext(RunContext):
     Keeps the best checkpoint by validation cosine plus the `keep` newest.
     """
 
-    def __init__(self, out_dir: str | Path, *, resume_from: str | Path | None = None, keep: int = 2):
+    def __init__(self, out_dir: str | Path, *, resume_from: str | Path | None = None, keep: int = 2,
+                 faults: Faults | None = None):
         self.out_dir = Path(out_dir)
+        self.faults = faults or Faults()
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.resume_from = Path(resume_from) if resume_from else None
         self.keep = keep
@@ -146,9 +151,11 @@ class RayContext(RunContext):
     """
     api = None  # the module with report / get_checkpoint / Checkpoint: ray.train or ray.tune
 
-    def __init__(self, fault_dir: str | None = None, extra_metrics: dict[str, Any] | None = None):
+    def __init__(self, fault_dir: str | None = None, extra_metrics: dict[str, Any] | None = None,
+                 faults: Faults | None = None):
         self._fault_dir = fault_dir
         self.extra_metrics = extra_metrics or {}
+        self.faults = faults or Faults()
 
     def resume_state(self):
         checkpoint = self.api.get_checkpoint()
@@ -185,18 +192,18 @@ class RayContext(RunContext):
 class TuneContext(RayContext):
     """A Tune function trainable: one process, checkpoints reported to the trial's storage."""
 
-    def __init__(self, extra_metrics: dict[str, Any]):
+    def __init__(self, extra_metrics: dict[str, Any], faults: Faults | None = None):
         import ray.tune
-        super().__init__(ray.tune.get_context().get_trial_dir(), extra_metrics)
+        super().__init__(ray.tune.get_context().get_trial_dir(), extra_metrics, faults)
         self.api = ray.tune
 
 
 class RayTrainContext(RayContext):
     """A Ray Train worker: rank and device from Ray, DDP wrapping by Ray."""
 
-    def __init__(self, fault_dir: str | None = None):
+    def __init__(self, fault_dir: str | None = None, faults: Faults | None = None):
         import ray.train
-        super().__init__(fault_dir)
+        super().__init__(fault_dir, faults=faults)
         self.api = ray.train
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()

@@ -38,6 +38,7 @@ from .config import TrainConfig, config_from_dict, resolved, run_tags
 from .context import LocalContext, RunContext, Tracker
 from .data import PairDataset, Split, ensure_corpus, load_dataset, shard, validation_rows
 from .evaluation import Decoded, baselines, evaluate, example_rows, finish_metrics, text_metrics
+from .faults import Faults
 from .memory import keep_freed_memory, peak_memory_bytes, reset_peak_memory, use_expandable_segments
 from .plots import make_plots
 from .tracking import VALIDATION_KEYS, log_config
@@ -172,9 +173,9 @@ def use_deterministic_algorithms() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _maybe_crash(cfg: TrainConfig, step: int, ctx: RunContext) -> None:
-    """Test-only fault: kill this process once at `fault_crash_at_step` (rank 0 only)."""
-    if cfg.fault_crash_at_step != step or ctx.rank != 0 or ctx.fault_marker_dir() is None:
+def _maybe_crash(faults: Faults, step: int, ctx: RunContext) -> None:
+    """Test fault: kill this process once at `faults.crash_at_step` (rank 0 only)."""
+    if faults.crash_at_step != step or ctx.rank != 0 or ctx.fault_marker_dir() is None:
         return
     marker = Path(ctx.fault_marker_dir()) / f".fault-crash-at-{step}"
     if not marker.exists():
@@ -250,6 +251,7 @@ class TrainingRun:
     schedule: LRSchedule
     scaler: torch.amp.GradScaler
     stream: BatchStream
+    faults: Faults                         # the context's test faults if they apply to this config, else none
     step: int = 0
     baselines: dict[str, float] = field(default_factory=dict)  # rank 0 only
     status: str = "completed"
@@ -328,7 +330,8 @@ def _setup(config: TrainConfig | dict[str, Any], ctx: RunContext | None, tracker
         train_targets=torch.from_numpy(train_rows.target_emb).to(device),
         model=model, ddp_model=model, optimizer=optimizer, schedule=LRSchedule(cfg),
         scaler=torch.amp.GradScaler(device.type, enabled=cfg.model.precision == "fp16-mixed"),
-        stream=BatchStream(len(train_rows), cfg.batch_size, cfg.seed * 1009 + ctx.rank, device))
+        stream=BatchStream(len(train_rows), cfg.batch_size, cfg.seed * 1009 + ctx.rank, device),
+        faults=ctx.faults if ctx.faults.active_for(cfg) else Faults())
 
 
 def _resume_or_init(run: TrainingRun, init_state: dict[str, torch.Tensor] | None) -> None:
@@ -382,7 +385,7 @@ def _optimizer_step(run: TrainingRun) -> StepResult | None:
     Returns None, with run.status "diverged" and run.step back at the last applied step, when the
     loss of any rank is not finite; the update is not applied then."""
     cfg, step, device = run.cfg, run.step, run.device
-    _maybe_crash(cfg, step, run.ctx)
+    _maybe_crash(run.faults, step, run.ctx)
     lr = run.schedule.lr(step)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -398,7 +401,7 @@ def _optimizer_step(run: TrainingRun) -> StepResult | None:
         with (contextlib.nullcontext() if sync else run.ddp_model.no_sync()):
             out = run.ddp_model(run.train_inputs[idx])
             loss = lattice_loss(out, run.train_targets[idx], cfg.model) / cfg.grad_accum_steps
-            if cfg.fault_nan_loss_at_step == step:
+            if run.faults.nan_loss_at_step == step:
                 loss = loss * float("nan")
             run.scaler.scale(loss).backward()
         loss_sum += loss.detach()
