@@ -13,6 +13,9 @@ real one; `Tracker()` itself is the do-nothing tracker other ranks use.
 
 `best_checkpoint` is the one place a run's best checkpoint is chosen, whatever shape its launcher
 holds the candidates in.
+
+`all_gather` and `step_check` are the collectives `train_loop` makes across the ranks of a context
+(no-ops in a single process): whatever a rank holds from every rank, and the per-step loss check.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from model.config import ConfigError
@@ -70,8 +74,10 @@ class RunContext:
         return None
 
     def report(self, step: int, metrics: dict[str, float], checkpoint: dict[str, Any] | None) -> Path | None:
-        """Called by every rank at validation and checkpoint steps. `checkpoint` is the state to
-        persist (rank 0 only). Returns where the checkpoint went, if one was written."""
+        """Called by every rank at each validation (every checkpoint step validates) with its
+        metrics, and once more when the run ends with the run's summary and no checkpoint.
+        `checkpoint` is the state to persist (rank 0 only, at checkpoint steps). Returns the folder
+        the checkpoint went to where the context can name one locally (LocalContext), else None."""
         return None
 
     def fault_marker_dir(self) -> Path | None:
@@ -85,6 +91,31 @@ def choose_device(requested: str, gpu_assigned: bool, why_none: str) -> torch.de
     if requested == "cuda" and not gpu_assigned:
         raise ConfigError(f"device=cuda, but {why_none}")
     return torch.device("cuda" if gpu_assigned and requested != "cpu" else "cpu")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """`obj` from every rank, in rank order (`[obj]` in a single process). Pickles through the host:
+    for what is gathered once per validation or checkpoint, not every step."""
+    if _distributed():
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def step_check(loss_sum: torch.Tensor) -> tuple[float, bool]:
+    """(this rank's loss, whether the loss of any rank is non-finite), read in one host sync.
+
+    A tensor all_reduce rather than all_gather_object, which pickles through the host every step."""
+    bad = (~torch.isfinite(loss_sum)).float()
+    if _distributed():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    loss_value, any_bad = torch.stack([loss_sum.float(), bad]).tolist()
+    return loss_value, any_bad > 0
 
 
 class LocalContext(RunContext):

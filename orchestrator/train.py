@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from model import EnergyLattice, count_parameters, lattice_loss
@@ -35,7 +34,7 @@ from model.config import flatten
 
 from .checkpoint import check_compatible
 from .config import TrainConfig, config_from_dict, resolved, run_tags
-from .context import LocalContext, RunContext, Tracker
+from .context import LocalContext, RunContext, Tracker, all_gather, step_check
 from .data import PairDataset, Split, ensure_corpus, load_dataset, shard, validation_rows
 from .evaluation import Decoded, baselines, evaluate, example_rows, finish_metrics, text_metrics
 from .faults import Faults
@@ -145,25 +144,6 @@ def _load_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any], saved_prec
     scaler.load_state_dict(saved)  # a disabled scaler ignores what it is given
 
 
-def _all_gather(obj: Any) -> list[Any]:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
-def _step_check(loss_sum: torch.Tensor) -> tuple[float, bool]:
-    """(this rank's loss, whether the loss of any rank is non-finite), read in one host sync.
-
-    A tensor all_reduce rather than all_gather_object, which pickles through the host every step."""
-    bad = (~torch.isfinite(loss_sum)).float()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    loss_value, any_bad = torch.stack([loss_sum.float(), bad]).tolist()
-    return loss_value, any_bad > 0
-
-
 def use_deterministic_algorithms() -> None:
     """Deterministic kernels for the rest of the process, so a resumed run on CUDA repeats the
     uninterrupted one: there index_add (splatting, spawning) and the backward of index_select add
@@ -217,7 +197,7 @@ def _validate(model: EnergyLattice, val: Split, cfg: TrainConfig, ctx: RunContex
     metrics, decoded, lattice_decoded = evaluate(model, val, batch_size=cfg.batch_size, device=device,
                                                  seed=cfg.seed + 7919, rows=rows)
     n_local = len(range(*rows.indices(len(val))))
-    parts = _all_gather((n_local, metrics, decoded.neighbour.cpu(), lattice_decoded.neighbour.cpu()))
+    parts = all_gather((n_local, metrics, decoded.neighbour.cpu(), lattice_decoded.neighbour.cpu()))
     n = sum(p[0] for p in parts)
     merged = finish_metrics({k: sum(p[1][k] * p[0] for p in parts) / max(n, 1) for k in metrics})
 
@@ -362,7 +342,7 @@ def _start(run: TrainingRun, given_weights: bool) -> None:
     cfg, ctx, tracker, model = run.cfg, run.ctx, run.tracker, run.model
     run.baselines = (run.data.baselines or baselines(run.data.train, run.val)) if ctx.rank == 0 else {}
     # Which rows each rank trains on (count and fingerprint), so a run shows its sharding.
-    shards = _all_gather([ctx.rank, len(run.train_rows), _fingerprint(run.train_rows.input_texts)])
+    shards = all_gather([ctx.rank, len(run.train_rows), _fingerprint(run.train_rows.input_texts)])
     if run.step == 0:
         tracker.log_params(flatten(cfg))
         log_config(tracker, asdict(cfg))
@@ -408,7 +388,7 @@ def _optimizer_step(run: TrainingRun) -> StepResult | None:
         steps_used += out.stats.steps_used
         completion += out.stats.completion
         spawned += out.stats.spawned.float().mean()
-    loss_value, diverged = _step_check(loss_sum)
+    loss_value, diverged = step_check(loss_sum)
 
     if diverged:
         run.status = "diverged"
@@ -483,7 +463,7 @@ def _validate_and_checkpoint(run: TrainingRun, loss_value: float) -> None:
 
 def _checkpoint_state(run: TrainingRun) -> dict[str, Any] | None:
     """Everything a resume needs, gathered from every rank (data position, RNG); None off rank 0."""
-    states = _all_gather((run.stream.state_dict(), _rng_state()))
+    states = all_gather((run.stream.state_dict(), _rng_state()))
     if run.ctx.rank != 0:
         return None
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),

@@ -157,7 +157,7 @@ def test_resume_across_precisions_and_deterministic_mode(tmp_path, small_data):
 
 
 def test_step_check_reads_loss_and_divergence_together():
-    from orchestrator.train import _step_check
-    assert _step_check(torch.tensor(0.25)) == (0.25, False)
-    loss, diverged = _step_check(torch.tensor(float("nan")))
+    from orchestrator.context import step_check
+    assert step_check(torch.tensor(0.25)) == (0.25, False)
+    loss, diverged = step_check(torch.tensor(float("nan")))
     assert diverged and loss != loss
