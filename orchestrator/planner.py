@@ -45,9 +45,6 @@ from dataclasses import dataclass
 
 from model.config import ModelConfig
 
-# The old import path of a probe that moved to memory.py (ray_train imports it from here).
-from .memory import available_memory_bytes  # noqa: F401
-
 GiB = 2**30
 
 # Calibrated on the CPU machine described above (see the module docstring and README, Benchmarks).

@@ -24,9 +24,7 @@ from model.config import ConfigError
 
 from .config import TrainConfig, flatten, resolved, run_tags
 from .console import ProgressChannel
-# RayContext lives in context.py; tune.py's import block still names it here until that block moves
-# out of tune.py (issue 12, part B), so it stays importable from this module meanwhile.
-from .context import RayContext, RayTrainContext, TrackerGroup, best_checkpoint  # noqa: F401
+from .context import RayTrainContext, TrackerGroup, best_checkpoint
 from .data import PairDataset
 from .faults import Faults
 from .tracking import TrackedRun, check_tracking_uri, resolve_tracking_uri
@@ -96,7 +94,7 @@ def check_gpu_share(workers: int, gpus_per_worker: float) -> None:
 
 
 def _free_memory_here(device_type: str) -> int:
-    from .planner import available_memory_bytes
+    from .memory import available_memory_bytes
     return available_memory_bytes(device_type)
 
 
