@@ -33,7 +33,7 @@ from model import EnergyLattice, count_parameters, lattice_loss
 from model.config import flatten
 
 from .checkpoint import check_compatible
-from .config import TrainConfig, config_from_dict, resolved, run_tags
+from .config import ConfigError, TrainConfig, config_from_dict, resolved, run_tags
 from .context import LocalContext, RunContext, Tracker, all_gather, step_check
 from .data import PairDataset, Split, ensure_corpus, load_dataset, shard, validation_rows
 from .evaluation import Decoded, baselines, evaluate, example_rows, finish_metrics, text_metrics
@@ -93,8 +93,8 @@ class BatchStream:
 
     def __init__(self, n: int, batch_size: int, seed: int, device: torch.device | str = "cpu"):
         if n < batch_size:
-            raise ValueError(f"batch_size={batch_size} is larger than the {n} training rows this worker "
-                             f"holds; lower batch_size or use more data")
+            raise ConfigError(f"batch_size={batch_size} is larger than the {n} training rows this worker holds; "
+                              f"allowed range [1, {n}] here: lower batch_size or use more data")
         self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, torch.device(device)
         self.epoch, self.position = 0, 0
         self._perm_epoch, self._perm = -1, None

@@ -1,6 +1,7 @@
 """The training loop in a plain process: learning, checkpoints, exact resume, divergence."""
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from orchestrator.checkpoint import (CheckpointError, check_compatible, list_che
 from orchestrator.config import ConfigError, config_from_dict, make_config
 from orchestrator.context import FileTracker, LocalContext, read_metrics
 from orchestrator.faults import Faults
-from orchestrator.train import SUMMARY_KEYS, train_loop
+from orchestrator.train import SUMMARY_KEYS, BatchStream, train_loop
 
 QUICK = {"batch_size": 16, "val_max_samples": 64, "warmup_steps": 2, "log_every": 1}
 
@@ -154,6 +155,12 @@ def test_resume_across_precisions_and_deterministic_mode(tmp_path, small_data):
     finally:
         torch.use_deterministic_algorithms(False)
     assert fp32["status"] == "completed" and fp32["steps"] == 5
+
+
+def test_a_batch_larger_than_the_training_rows_is_a_config_error_naming_field_and_range():
+    with pytest.raises(ConfigError, match=re.escape("batch_size=8 is larger than the 5 training rows this worker "
+                                                    "holds; allowed range [1, 5]")):
+        BatchStream(5, 8, seed=0)
 
 
 def test_step_check_reads_loss_and_divergence_together():
