@@ -7,7 +7,8 @@ model on the run's validation rows and prints one table:
 
     lattice          the model's prediction (skip path + lattice path where the skip is on)
     lattice alone    the collector's output alone: what the lattice itself predicts
-    skip alone       skip_scale * input: the skip path alone (the identity baseline when positive)
+    skip alone       skip_scale * input, as the model computes it: the skip path alone (the identity
+                     baseline when positive)
     identity, mean target, ridge, kernel ridge    the baselines every run logs
 
 each with cosine to the target embedding, retrieval top-1 and BLEU of the decoded text, plus the
@@ -27,7 +28,7 @@ from .checkpoint import load_model
 from .config import TrainConfig
 from .context import LocalContext
 from .data import PairDataset, validation_rows
-from .evaluation import baselines, decode, evaluate, text_metrics
+from .evaluation import baselines, evaluate, text_metrics
 from .train import load_data, train_loop
 
 BASELINE_ROWS = (("identity", "identity"), ("mean target", "mean_target"), ("ridge", "ridge"),
@@ -70,14 +71,11 @@ def run_quality_bench(cfg: TrainConfig, data: PairDataset | None = None) -> dict
         model = load_model(summary["checkpoint"])
 
     device = torch.device("cpu")
-    metrics, decoded, lattice_decoded = evaluate(model, val, batch_size=cfg.batch_size, device=device,
-                                                 seed=cfg.seed + 7919)
+    metrics, decoded, lattice_decoded, skip = evaluate(model, val, batch_size=cfg.batch_size, device=device,
+                                                       seed=cfg.seed + 7919)
     rows = [_row("lattice", metrics["cosine"], decoded.texts(val), val),
             _row("lattice alone", metrics["cosine_lattice_only"], lattice_decoded.texts(val), val)]
-    if model.skip_scale is not None:
-        inputs, targets = torch.from_numpy(val.input_emb), torch.from_numpy(val.target_emb)
-        bank = torch.nn.functional.normalize(targets, dim=-1)
-        skip = decode(model.skip_scale.detach() * inputs, targets, bank)
+    if skip is not None:
         rows.append(_row("skip alone", float(skip.cosine.mean()), skip.texts(val), val))
     for name, key in BASELINE_ROWS:
         rows.append({"predictor": name, "cosine": base[f"baseline_{key}_cosine"],

@@ -194,8 +194,8 @@ def _validate(model: EnergyLattice, val: Split, cfg: TrainConfig, ctx: RunContex
     """Validation metrics over all ranks: each rank evaluates its share of the rows. Returns the
     metrics (`val_*`, `lattice_gain`, `plane_difference`) and the decoded texts in row order."""
     rows = slice(ctx.rank, None, ctx.world_size)
-    metrics, decoded, lattice_decoded = evaluate(model, val, batch_size=cfg.batch_size, device=device,
-                                                 seed=cfg.seed + 7919, rows=rows)
+    metrics, decoded, lattice_decoded, _ = evaluate(model, val, batch_size=cfg.batch_size, device=device,
+                                                    seed=cfg.seed + 7919, rows=rows)
     n_local = len(range(*rows.indices(len(val))))
     parts = all_gather((n_local, metrics, decoded.neighbour.cpu(), lattice_decoded.neighbour.cpu()))
     n = sum(p[0] for p in parts)
@@ -521,5 +521,5 @@ def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
 
 def _decode_examples(model: EnergyLattice, val: Split, cfg: TrainConfig, device: torch.device) -> list[str]:
     rows = slice(0, cfg.decode_examples)
-    _, decoded, _ = evaluate(model, val, batch_size=cfg.batch_size, device=device, seed=cfg.seed + 7919, rows=rows)
+    decoded = evaluate(model, val, batch_size=cfg.batch_size, device=device, seed=cfg.seed + 7919, rows=rows).decoded
     return decoded.texts(val)
