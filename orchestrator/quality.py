@@ -29,10 +29,13 @@ from .config import TrainConfig
 from .context import LocalContext
 from .data import PairDataset, validation_rows
 from .evaluation import baselines, evaluate, text_metrics
+from .tracking import VALIDATION_KEYS
 from .train import load_data, train_loop
 
 BASELINE_ROWS = (("identity", "identity"), ("mean target", "mean_target"), ("ridge", "ridge"),
                  ("kernel ridge", "kernel_ridge"))
+# What the validation curve keeps of each validation: the scores, then the lattice's own figures.
+CURVE_KEYS = ("step", "val_cosine", "val_top1", "val_cosine_lattice_only", *VALIDATION_KEYS)
 
 
 class _RecordingContext(LocalContext):
@@ -44,9 +47,7 @@ class _RecordingContext(LocalContext):
 
     def report(self, step, metrics, checkpoint):
         if "val_cosine" in metrics and "status" not in metrics:
-            self.curve.append({k: metrics[k] for k in ("step", "val_cosine", "val_top1", "val_cosine_lattice_only",
-                                                       "lattice_gain", "plane_difference", "plane_balance")
-                               if k in metrics})
+            self.curve.append({k: metrics[k] for k in CURVE_KEYS if k in metrics})
         return super().report(step, metrics, checkpoint)
 
 
