@@ -95,20 +95,22 @@ def run_quality_bench(cfg: TrainConfig, data: PairDataset | None = None) -> dict
 
 
 def format_quality_table(result: dict[str, Any]) -> str:
-    lines = [f"quality: {result['preset']}, {result['steps']} steps x batch {result['batch_size']} "
-             f"({result['precision']}), {result['train_rows']} training rows, {result['val_rows']} validation rows",
-             "",
-             f"  {'predictor':<14} {'cosine':>7} {'top-1':>6} {'BLEU':>6}"]
-    for row in result["rows"]:
+    """The table bench-quality prints: one row per predictor, then the lattice's own figures, the
+    timings and the validation curve."""
+    r = result
+    header = (f"quality: {r['preset']}, {r['steps']} steps x batch {r['batch_size']} ({r['precision']}), "
+              f"{r['train_rows']} training rows, {r['val_rows']} validation rows")
+    lines = [header, "", f"  {'predictor':<14} {'cosine':>7} {'top-1':>6} {'BLEU':>6}"]
+    for row in r["rows"]:
         lines.append(f"  {row['predictor']:<14} {row['cosine']:7.4f} {row['top1']:6.3f} {row['bleu']:6.1f}")
-    lines += ["",
-              f"  lattice gain over its skip path {result['lattice_gain']:+.4f}; plane difference "
-              f"{result['plane_difference']:.3f}, balance {result['plane_balance']:.3f}"
-              + ("" if result["skip_scale"] is None
-                                                     else f"; skip scale {result['skip_scale']:.3f}"),
-              f"  training {result['train_seconds']:.0f} s ({result['seconds_per_step']:.2f} s/step, validations "
-              f"included), "
-              f"baselines {result['baseline_seconds']:.0f} s",
-              "  validation curve: " + ", ".join(f"{p['step']}: {p['val_cosine']:.3f}/{p['val_top1']:.3f}"
-                                                 for p in result["curve"]) + "  (step: cosine/top-1)"]
+
+    lattice = (f"  lattice gain over its skip path {r['lattice_gain']:+.4f}; "
+               f"plane difference {r['plane_difference']:.3f}, balance {r['plane_balance']:.3f}")
+    if r["skip_scale"] is not None:
+        lattice += f"; skip scale {r['skip_scale']:.3f}"
+    timing = (f"  training {r['train_seconds']:.0f} s ({r['seconds_per_step']:.2f} s/step, validations included), "
+              f"baselines {r['baseline_seconds']:.0f} s")
+    points = ", ".join(f"{p['step']}: {p['val_cosine']:.3f}/{p['val_top1']:.3f}" for p in r["curve"])
+    curve = f"  validation curve: {points}  (step: cosine/top-1)"
+    lines += ["", lattice, timing, curve]
     return "\n".join(lines)
