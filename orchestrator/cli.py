@@ -85,7 +85,9 @@ def _print_mlflow(summary: dict[str, Any], experiment: str) -> None:
             print(f"               {line}")
 
 
-def _train_local(cfg, args) -> int:
+def _train_local(cfg, args, faults=None) -> int:
+    """`train --local`: train_loop in this process. `faults` (orchestrator.faults.Faults), for tests
+    only, go to the run's context; no flag sets them."""
     from model.config import flatten
 
     from .config import run_tags
@@ -97,7 +99,7 @@ def _train_local(cfg, args) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     setup_logging(out / "train.log")
     print(f"training {cfg.preset} in this process; every log line goes to {out / 'train.log'}", flush=True)
-    ctx = LocalContext(out, resume_from=args.resume, keep=cfg.keep_checkpoints)
+    ctx = LocalContext(out, resume_from=args.resume, keep=cfg.keep_checkpoints, faults=faults)
     console = ConsoleTracker(cfg.max_steps, validates_every=(cfg.val_every, cfg.checkpoint_every))
     tracker, run = TrackerGroup(FileTracker(out), console), None
     if not args.no_mlflow:

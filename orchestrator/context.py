@@ -1,8 +1,9 @@
 """Where `train_loop` runs: the one small interface that differs between a plain process, a Ray
 Tune trial and a Ray Train worker, plus the tracker that records params, metrics and artifacts.
 
-RunContext answers: which rank am I, on which device, which checkpoint do I resume from, and where
-do reports and checkpoints go. All three live here: `LocalContext` (a plain process),
+RunContext answers: which rank am I, on which device, which checkpoint do I resume from, where
+do reports and checkpoints go, and which test faults fire (`faults`, see orchestrator.faults;
+`Faults()`, nothing, unless the launcher was given some). All three live here: `LocalContext` (a plain process),
 `TuneContext` (a Tune function trainable) and `RayTrainContext` (a worker of a TorchTrainer). Ray
 is imported inside their methods only, so `model/`, `orchestrator.train` and this module import
 in a process that has no Ray (gpu-check runs there).
@@ -12,6 +13,9 @@ real one; `Tracker()` itself is the do-nothing tracker other ranks use.
 
 `best_checkpoint` is the one place a run's best checkpoint is chosen, whatever shape its launcher
 holds the candidates in.
+
+`all_gather` and `step_check` are the collectives `train_loop` makes across the ranks of a context
+(no-ops in a single process): whatever a rank holds from every rank, and the per-step loss check.
 """
 from __future__ import annotations
 
@@ -25,11 +29,13 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from model.config import ConfigError
 
 from .checkpoint import META_FILE, list_checkpoints, load_checkpoint, save_checkpoint
+from .faults import Faults
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,7 @@ class RunContext:
     """The plain-process defaults: rank 0 of 1, nothing to resume, reports dropped."""
     rank: int = 0
     world_size: int = 1
+    faults: Faults = Faults()  # test faults for train_loop to fire; a launcher may hand some in
 
     def device(self, requested: str) -> torch.device:
         return choose_device(requested, torch.cuda.is_available(), "torch sees no CUDA device here")
@@ -67,8 +74,10 @@ class RunContext:
         return None
 
     def report(self, step: int, metrics: dict[str, float], checkpoint: dict[str, Any] | None) -> Path | None:
-        """Called by every rank at validation and checkpoint steps. `checkpoint` is the state to
-        persist (rank 0 only). Returns where the checkpoint went, if one was written."""
+        """Called by every rank at each validation (every checkpoint step validates) with its
+        metrics, and once more when the run ends with the run's summary and no checkpoint.
+        `checkpoint` is the state to persist (rank 0 only, at checkpoint steps). Returns the folder
+        the checkpoint went to where the context can name one locally (LocalContext), else None."""
         return None
 
     def fault_marker_dir(self) -> Path | None:
@@ -84,6 +93,31 @@ def choose_device(requested: str, gpu_assigned: bool, why_none: str) -> torch.de
     return torch.device("cuda" if gpu_assigned and requested != "cpu" else "cpu")
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """`obj` from every rank, in rank order (`[obj]` in a single process). Pickles through the host:
+    for what is gathered once per validation or checkpoint, not every step."""
+    if _distributed():
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def step_check(loss_sum: torch.Tensor) -> tuple[float, bool]:
+    """(this rank's loss, whether the loss of any rank is non-finite), read in one host sync.
+
+    A tensor all_reduce rather than all_gather_object, which pickles through the host every step."""
+    bad = (~torch.isfinite(loss_sum)).float()
+    if _distributed():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    loss_value, any_bad = torch.stack([loss_sum.float(), bad]).tolist()
+    return loss_value, any_bad > 0
+
+
 class LocalContext(RunContext):
     """A plain process writing checkpoints to `out_dir/checkpoints/step_NNNNNNNN/`.
 
@@ -91,8 +125,10 @@ class LocalContext(RunContext):
     Keeps the best checkpoint by validation cosine plus the `keep` newest.
     """
 
-    def __init__(self, out_dir: str | Path, *, resume_from: str | Path | None = None, keep: int = 2):
+    def __init__(self, out_dir: str | Path, *, resume_from: str | Path | None = None, keep: int = 2,
+                 faults: Faults | None = None):
         self.out_dir = Path(out_dir)
+        self.faults = faults or Faults()
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.resume_from = Path(resume_from) if resume_from else None
         self.keep = keep
@@ -146,9 +182,11 @@ class RayContext(RunContext):
     """
     api = None  # the module with report / get_checkpoint / Checkpoint: ray.train or ray.tune
 
-    def __init__(self, fault_dir: str | None = None, extra_metrics: dict[str, Any] | None = None):
+    def __init__(self, fault_dir: str | None = None, extra_metrics: dict[str, Any] | None = None,
+                 faults: Faults | None = None):
         self._fault_dir = fault_dir
         self.extra_metrics = extra_metrics or {}
+        self.faults = faults or Faults()
 
     def resume_state(self):
         checkpoint = self.api.get_checkpoint()
@@ -193,9 +231,10 @@ class TuneContext(RayContext):
     a PBT exploit), and the step of the first report after it. The history
     travels in the checkpoints, so a trial that copies another inherits the donor's."""
 
-    def __init__(self, extra_metrics: dict[str, Any], baseline_cosine: float | None = None):
+    def __init__(self, extra_metrics: dict[str, Any], baseline_cosine: float | None = None,
+                 faults: Faults | None = None):
         import ray.tune
-        super().__init__(ray.tune.get_context().get_trial_dir(), extra_metrics)
+        super().__init__(ray.tune.get_context().get_trial_dir(), extra_metrics, faults)
         self.api = ray.tune
         self.baseline_cosine = baseline_cosine
         self.started, self.time_before = time.perf_counter(), 0.0
@@ -232,9 +271,9 @@ class TuneContext(RayContext):
 class RayTrainContext(RayContext):
     """A Ray Train worker: rank and device from Ray, DDP wrapping by Ray."""
 
-    def __init__(self, fault_dir: str | None = None):
+    def __init__(self, fault_dir: str | None = None, faults: Faults | None = None):
         import ray.train
-        super().__init__(fault_dir)
+        super().__init__(fault_dir, faults=faults)
         self.api = ray.train
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()

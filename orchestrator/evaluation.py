@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import sacrebleu
@@ -55,11 +56,20 @@ def example_rows(decoded_texts: list[str], val: Split, n: int) -> list[dict[str,
             for i in range(min(n, len(decoded_texts)))]
 
 
+class Evaluation(NamedTuple):
+    """What `evaluate` returns: metrics, and the decoded predictions of the model and its two paths."""
+    metrics: dict[str, float]
+    decoded: Decoded                 # the model's prediction
+    lattice_decoded: Decoded         # the lattice path alone (the collector's output)
+    skip_decoded: Decoded | None     # the skip path alone, as the model computes it (None without a skip path)
+
+
 @torch.no_grad()
 def evaluate(model: EnergyLattice, val: Split, *, batch_size: int, device: torch.device, seed: int,
-             rows: slice = slice(None)) -> tuple[dict[str, float], Decoded, Decoded]:
+             rows: slice = slice(None)) -> Evaluation:
     """Model metrics on validation rows `rows` (a worker's share), and the decoded predictions of the
-    model and of its lattice path alone; decoding searches every validation row's target.
+    model, of its lattice path alone and of its skip path alone; decoding searches every validation
+    row's target.
 
     Metrics are means over the rows, so shares from several workers merge by a weighted mean; call
     `finish_metrics` on the merged means. Flow noise is drawn from a forked RNG seeded with `seed`,
@@ -70,7 +80,7 @@ def evaluate(model: EnergyLattice, val: Split, *, batch_size: int, device: torch
     inputs = torch.from_numpy(val.input_emb[rows]).to(device)
     targets = torch.from_numpy(val.target_emb[rows]).to(device)
     bank = F.normalize(torch.from_numpy(val.target_emb).to(device), dim=-1)
-    preds, lattice_preds, sums = [], [], {}
+    preds, lattice_preds, skip_preds, sums = [], [], [], {}
     devices = [device.index or 0] if device.type == "cuda" else []
 
     def add(key: str, value: Tensor | float) -> None:
@@ -89,6 +99,7 @@ def evaluate(model: EnergyLattice, val: Split, *, batch_size: int, device: torch
             add("spawned_per_sample", out.stats.spawned.float().sum())
             # Without a skip path, the skip-only prediction is zero: the lattice does all the work.
             if out.skip_only is not None:
+                skip_preds.append(out.skip_only.float())
                 add("cosine_skip_only", F.cosine_similarity(out.skip_only.float(), y, dim=-1).sum())
             upper, lower = out.planes[:, 1], out.planes[:, 0]
             add("plane_diff_mass", (upper - lower).abs().sum())
@@ -101,7 +112,8 @@ def evaluate(model: EnergyLattice, val: Split, *, batch_size: int, device: torch
     decoded, lattice_decoded = decode(torch.cat(preds), targets, bank), decode(torch.cat(lattice_preds), targets, bank)
     metrics["cosine"] = float(decoded.cosine.mean())
     metrics["cosine_lattice_only"] = float(lattice_decoded.cosine.mean())
-    return metrics, decoded, lattice_decoded
+    skip_decoded = decode(torch.cat(skip_preds), targets, bank) if skip_preds else None
+    return Evaluation(metrics, decoded, lattice_decoded, skip_decoded)
 
 
 def finish_metrics(means: dict[str, float]) -> dict[str, float]:

@@ -49,6 +49,7 @@ from model.config import ConfigError
 
 from .context import Tracker
 from .data import PairDataset, Split, load_dataset
+from .faults import Faults
 
 GiB = 2**30
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed")
@@ -284,7 +285,7 @@ class LossRecorder(Tracker):
 
 
 def _train_run(env: CheckEnv, name: str, precision: str, *, resume_from: Path | None = None,
-               **overrides: Any) -> tuple[dict[str, Any], dict[int, float], Path]:
+               faults: Faults | None = None, **overrides: Any) -> tuple[dict[str, Any], dict[int, float], Path]:
     from .config import make_config
     from .context import LocalContext
     from .train import train_loop, worker_shards
@@ -299,7 +300,8 @@ def _train_run(env: CheckEnv, name: str, precision: str, *, resume_from: Path | 
     out = env.workdir / "train" / name
     recorder = LossRecorder()
     try:
-        summary = train_loop(cfg, LocalContext(out, resume_from=resume_from), recorder, data=env.one_worker_data)
+        summary = train_loop(cfg, LocalContext(out, resume_from=resume_from, faults=faults), recorder,
+                             data=env.one_worker_data)
     finally:
         torch.use_deterministic_algorithms(False)
     return summary, recorder.losses, out
@@ -333,7 +335,7 @@ def part_train_resume(env: CheckEnv, figures: dict[str, Any]) -> tuple[bool, str
     if changed["status"] != "completed":
         problems.append(f"fp16 resumed from a bf16 checkpoint ended {changed['status']}")
 
-    diverged, _, _ = _train_run(env, "nan", "bf16-mixed", max_steps=6, fault_nan_loss_at_step=3)
+    diverged, _, _ = _train_run(env, "nan", "bf16-mixed", max_steps=6, faults=Faults(nan_loss_at_step=3))
     figures["nan_injection"] = {"status": diverged["status"], "steps": diverged["steps"]}
     if diverged["status"] != "diverged" or diverged["steps"] != 2:
         problems.append(f"NaN at step 3 ended {diverged['status']} after {diverged['steps']} steps")

@@ -43,10 +43,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.config import ModelConfig
-
-# The old import path of a probe that moved to memory.py (ray_train imports it from here).
-from .memory import available_memory_bytes  # noqa: F401
+from model.config import ConfigError, ModelConfig
 
 GiB = 2**30
 
@@ -125,10 +122,11 @@ def _load(cfg: ModelConfig, flows_per_sample: int | None, steps: int | None) -> 
     flows = flows_per_sample or cfg.max_flows_per_sample
     steps = steps or cfg.max_steps
     if not cfg.surface <= flows <= cfg.max_flows_per_sample:
-        raise ValueError(f"flows_per_sample={flows} must lie in [{cfg.surface}, {cfg.max_flows_per_sample}] "
-                         f"(width x height .. max_flows_per_sample)")
+        raise ConfigError(f"flows_per_sample={flows} (--flows-per-sample) is out of range; allowed range "
+                          f"[{cfg.surface}, {cfg.max_flows_per_sample}] (width x height to model.max_flows_per_sample)")
     if not 1 <= steps <= cfg.max_steps:
-        raise ValueError(f"steps={steps} must lie in [1, {cfg.max_steps}] (max_steps)")
+        raise ConfigError(f"steps={steps} (--steps) is out of range; allowed range [1, {cfg.max_steps}] "
+                          f"(1 to model.max_steps)")
     return flows, steps, cfg.surface + (steps - 1) * flows
 
 
@@ -145,7 +143,7 @@ def _estimate(cfg: ModelConfig, batch: int, device_type: str, flows_per_sample: 
               steps: int | None) -> int:
     """estimate_peak_bytes of a resolved config."""
     if batch < 1:
-        raise ValueError(f"batch={batch} must be at least 1")
+        raise ConfigError(f"batch={batch} is out of range; it must be at least 1")
     flows, steps, flow_steps = _load(cfg, flows_per_sample, steps)
     terms = _terms(cfg)
     kept = batch * flow_steps * terms["kept_per_flow_step"]
@@ -172,7 +170,7 @@ def _check(cfg: ModelConfig, batch: int, budget_bytes: int, device_type: str, he
     """check_batch of a resolved config."""
     headroom = HEADROOM.get(device_type, HEADROOM["cuda"]) if headroom is None else headroom
     if headroom < 0:
-        raise ValueError(f"headroom={headroom} must be at least 0")
+        raise ConfigError(f"headroom={headroom} is out of range; it must be at least 0")
     flows, steps, _ = _load(cfg, flows_per_sample, steps)
     estimate = _estimate(cfg, batch, device_type, flows, steps)
     base = CPU_BASE_BYTES if device_type == "cpu" else 0
@@ -204,7 +202,7 @@ def plan_batch(model_cfg: ModelConfig, budget_bytes: int, *, device_type: str = 
 
     Raises MemoryBudgetError (naming estimate and budget) when not even batch 1 fits."""
     if max_batch < 1:
-        raise ValueError(f"max_batch={max_batch} must be at least 1")
+        raise ConfigError(f"max_batch={max_batch} is out of range; it must be at least 1")
     cfg = model_cfg.resolved()
 
     def check(batch: int) -> Plan:

@@ -28,10 +28,11 @@ from model.transfer import transfer
 
 from .config import TrainConfig, make_config
 from .console import tool_command
+from .plots import baseline_scores
 from .ray_train import (Launch, WorkerBudget, alive_node_count, check_gpu_share, connect, ray_logs_dir, run_ray_train,
                         with_planned_batch)
 from .tracking import (REGISTERED_MODEL, TrackedRun, browse_lines, check_tracking_uri, child_runs, client_for,
-                       experiment_id, load_registered_model, resolve_tracking_uri, run_metric)
+                       experiment_id, load_registered_model, logged_baselines, resolve_tracking_uri, run_metric)
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +99,15 @@ def _find_or_open_parent(uri: str, job: ScalingJob) -> tuple[TrackedRun, bool]:
 
 
 def _row(preset: str, run, *, skipped: bool, checkpoint: str | None = None) -> dict[str, Any]:
+    """A stage's line of the job summary, from its MLflow run; every baseline the run logged."""
     t = run.data.tags
+    scores = baseline_scores(logged_baselines(run.data.metrics))
     return {"preset": preset, "lattice": t.get("lattice"), "steps": int(float(run.data.params.get("max_steps", 0))),
             "batch": int(float(run.data.params.get("batch_size", 0))),
             **{key: run_metric(run, key) for key in ("val_cosine", "val_top1", "val_cosine_lattice_only",
                                                       "lattice_gain")},
-            **{f"baseline_{name}_{metric}": run_metric(run, f"baseline_{name}_{metric}")
-               for name in ("identity", "ridge", "kernel_ridge") for metric in ("cosine", "top1")},
+            **{f"baseline_{name}_{score}": value
+               for name, values in scores.items() for score, value in values.items()},
             "model_version": t.get("model_version"),
             "mlflow_run_id": run.info.run_id, "status": t.get("status"), "skipped": skipped,
             "init_from": t.get("init_from"), "checkpoint": checkpoint}
@@ -200,12 +203,12 @@ def print_table(summary: dict[str, Any]) -> None:
               f"{fmt(r['val_cosine'], 4):>8s} {fmt(r['val_top1'], 3):>6s} {fmt(r.get('val_cosine_lattice_only'), 3):>6s} "
               f"{fmt(r.get('lattice_gain'), 3):>6s} {str(r['model_version']):>8s}  {r['init_from'] or '-'}"
               + ("  (finished earlier)" if r["skipped"] else ""))
-    last = summary["stages"][-1] if summary["stages"] else {}
-    if last.get("baseline_ridge_cosine") is not None:
+    scores = baseline_scores(summary["stages"][-1]) if summary["stages"] else {}
+    if scores:
         print("  alone: the lattice path without the skip path; gain: val_cos minus the skip path alone.\n"
               "  baselines on the same rows (cosine / top-1): " + ", ".join(
-                  f"{name.replace('_', ' ')} {fmt(last[f'baseline_{name}_cosine'], 4)} / "
-                  f"{fmt(last[f'baseline_{name}_top1'], 3)}" for name in ("identity", "ridge", "kernel_ridge")))
+                  f"{name.replace('_', ' ')} {fmt(values.get('cosine'), 4)} / {fmt(values.get('top1'), 3)}"
+                  for name, values in scores.items()))
     browse = browse_lines(summary["tracking_uri"], experiment_id(summary["tracking_uri"], summary["experiment"]))
     print(f"\n  browse the runs:  {browse[0]}")
     for line in browse[1:]:

@@ -7,7 +7,8 @@ model on the run's validation rows and prints one table:
 
     lattice          the model's prediction (skip path + lattice path where the skip is on)
     lattice alone    the collector's output alone: what the lattice itself predicts
-    skip alone       skip_scale * input: the skip path alone (the identity baseline when positive)
+    skip alone       skip_scale * input, as the model computes it: the skip path alone (the identity
+                     baseline when positive)
     identity, mean target, ridge, kernel ridge    the baselines every run logs
 
 each with cosine to the target embedding, retrieval top-1 and BLEU of the decoded text, plus the
@@ -27,11 +28,14 @@ from .checkpoint import load_model
 from .config import TrainConfig
 from .context import LocalContext
 from .data import PairDataset, validation_rows
-from .evaluation import baselines, decode, evaluate, text_metrics
+from .evaluation import baselines, evaluate, text_metrics
+from .tracking import VALIDATION_KEYS
 from .train import load_data, train_loop
 
 BASELINE_ROWS = (("identity", "identity"), ("mean target", "mean_target"), ("ridge", "ridge"),
                  ("kernel ridge", "kernel_ridge"))
+# What the validation curve keeps of each validation: the scores, then the lattice's own figures.
+CURVE_KEYS = ("step", "val_cosine", "val_top1", "val_cosine_lattice_only", *VALIDATION_KEYS)
 
 
 class _RecordingContext(LocalContext):
@@ -43,9 +47,7 @@ class _RecordingContext(LocalContext):
 
     def report(self, step, metrics, checkpoint):
         if "val_cosine" in metrics and "status" not in metrics:
-            self.curve.append({k: metrics[k] for k in ("step", "val_cosine", "val_top1", "val_cosine_lattice_only",
-                                                       "lattice_gain", "plane_difference", "plane_balance")
-                               if k in metrics})
+            self.curve.append({k: metrics[k] for k in CURVE_KEYS if k in metrics})
         return super().report(step, metrics, checkpoint)
 
 
@@ -70,14 +72,11 @@ def run_quality_bench(cfg: TrainConfig, data: PairDataset | None = None) -> dict
         model = load_model(summary["checkpoint"])
 
     device = torch.device("cpu")
-    metrics, decoded, lattice_decoded = evaluate(model, val, batch_size=cfg.batch_size, device=device,
-                                                 seed=cfg.seed + 7919)
+    metrics, decoded, lattice_decoded, skip = evaluate(model, val, batch_size=cfg.batch_size, device=device,
+                                                       seed=cfg.seed + 7919)
     rows = [_row("lattice", metrics["cosine"], decoded.texts(val), val),
             _row("lattice alone", metrics["cosine_lattice_only"], lattice_decoded.texts(val), val)]
-    if model.skip_scale is not None:
-        inputs, targets = torch.from_numpy(val.input_emb), torch.from_numpy(val.target_emb)
-        bank = torch.nn.functional.normalize(targets, dim=-1)
-        skip = decode(model.skip_scale.detach() * inputs, targets, bank)
+    if skip is not None:
         rows.append(_row("skip alone", float(skip.cosine.mean()), skip.texts(val), val))
     for name, key in BASELINE_ROWS:
         rows.append({"predictor": name, "cosine": base[f"baseline_{key}_cosine"],
@@ -96,20 +95,22 @@ def run_quality_bench(cfg: TrainConfig, data: PairDataset | None = None) -> dict
 
 
 def format_quality_table(result: dict[str, Any]) -> str:
-    lines = [f"quality: {result['preset']}, {result['steps']} steps x batch {result['batch_size']} "
-             f"({result['precision']}), {result['train_rows']} training rows, {result['val_rows']} validation rows",
-             "",
-             f"  {'predictor':<14} {'cosine':>7} {'top-1':>6} {'BLEU':>6}"]
-    for row in result["rows"]:
+    """The table bench-quality prints: one row per predictor, then the lattice's own figures, the
+    timings and the validation curve."""
+    r = result
+    header = (f"quality: {r['preset']}, {r['steps']} steps x batch {r['batch_size']} ({r['precision']}), "
+              f"{r['train_rows']} training rows, {r['val_rows']} validation rows")
+    lines = [header, "", f"  {'predictor':<14} {'cosine':>7} {'top-1':>6} {'BLEU':>6}"]
+    for row in r["rows"]:
         lines.append(f"  {row['predictor']:<14} {row['cosine']:7.4f} {row['top1']:6.3f} {row['bleu']:6.1f}")
-    lines += ["",
-              f"  lattice gain over its skip path {result['lattice_gain']:+.4f}; plane difference "
-              f"{result['plane_difference']:.3f}, balance {result['plane_balance']:.3f}"
-              + ("" if result["skip_scale"] is None
-                                                     else f"; skip scale {result['skip_scale']:.3f}"),
-              f"  training {result['train_seconds']:.0f} s ({result['seconds_per_step']:.2f} s/step, validations "
-              f"included), "
-              f"baselines {result['baseline_seconds']:.0f} s",
-              "  validation curve: " + ", ".join(f"{p['step']}: {p['val_cosine']:.3f}/{p['val_top1']:.3f}"
-                                                 for p in result["curve"]) + "  (step: cosine/top-1)"]
+
+    lattice = (f"  lattice gain over its skip path {r['lattice_gain']:+.4f}; "
+               f"plane difference {r['plane_difference']:.3f}, balance {r['plane_balance']:.3f}")
+    if r["skip_scale"] is not None:
+        lattice += f"; skip scale {r['skip_scale']:.3f}"
+    timing = (f"  training {r['train_seconds']:.0f} s ({r['seconds_per_step']:.2f} s/step, validations included), "
+              f"baselines {r['baseline_seconds']:.0f} s")
+    points = ", ".join(f"{p['step']}: {p['val_cosine']:.3f}/{p['val_top1']:.3f}" for p in r["curve"])
+    curve = f"  validation curve: {points}  (step: cosine/top-1)"
+    lines += ["", lattice, timing, curve]
     return "\n".join(lines)

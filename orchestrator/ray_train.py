@@ -24,10 +24,9 @@ from model.config import ConfigError
 
 from .config import TrainConfig, flatten, resolved, run_tags
 from .console import ProgressChannel
-# RayContext lives in context.py; tune.py's import block still names it here until that block moves
-# out of tune.py (issue 12, part B), so it stays importable from this module meanwhile.
-from .context import RayContext, RayTrainContext, TrackerGroup, best_checkpoint  # noqa: F401
+from .context import RayTrainContext, TrackerGroup, best_checkpoint
 from .data import PairDataset
+from .faults import Faults
 from .tracking import TrackedRun, check_tracking_uri, resolve_tracking_uri
 from .train import load_data, train_loop, worker_shards
 
@@ -68,7 +67,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs (again, after a restart)."""
     import ray
     run = config["run"]
-    ctx = RayTrainContext(run["fault_dir"])
+    ctx = RayTrainContext(run["fault_dir"], Faults.from_dict(run.get("faults")))
     data = ray.get(run["data_shards"][ctx.rank])  # this worker's rows only, from the object store
     # Arrays from the object store are read-only views; torch.from_numpy on them warns on every
     # worker. The shard is small, so the worker takes its own writable copy.
@@ -95,7 +94,7 @@ def check_gpu_share(workers: int, gpus_per_worker: float) -> None:
 
 
 def _free_memory_here(device_type: str) -> int:
-    from .planner import available_memory_bytes
+    from .memory import available_memory_bytes
     return available_memory_bytes(device_type)
 
 
@@ -178,9 +177,10 @@ def storage_path(storage: str | None) -> str:
 
 def build_trainer(cfg: TrainConfig, launch: Launch, data: PairDataset, *, run: TrackedRun, run_name: str,
                   callbacks: list | None = None, init_state: dict | None = None,
-                  progress: ProgressChannel | None = None):
+                  progress: ProgressChannel | None = None, faults: Faults | None = None):
     """The TorchTrainer that runs `train_loop` on `launch.workers` workers, rank 0 logging into `run`
-    (and, given a ProgressChannel, sending the console's progress lines through it)."""
+    (and, given a ProgressChannel, sending the console's progress lines through it). `faults`, for
+    tests, travel in the workers' config as a plain dict, so restarted workers get them too."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -194,6 +194,7 @@ def build_trainer(cfg: TrainConfig, launch: Launch, data: PairDataset, *, run: T
                                    "data_shards": put_shards(data, cfg, launch.workers),
                                    "init_state": ray.put(init_state) if init_state is not None else None,
                                    "progress": progress,
+                                   "faults": faults.to_dict() if faults is not None else None,
                                    "fault_dir": str(Path(storage) / run_name) if "://" not in storage else None}},
         scaling_config=ScalingConfig(num_workers=launch.workers, use_gpu=launch.gpus_per_worker > 0,
                                      resources_per_worker=resources),
@@ -216,10 +217,12 @@ def prepare_config(cfg: TrainConfig) -> TrainConfig:
     return resolved(dataclasses.replace(cfg, data_path=str(Path(cfg.data_path).resolve())))
 
 
-def run_ray_train(cfg: TrainConfig, launch: Launch, init_state: dict | None = None) -> dict[str, Any]:
+def run_ray_train(cfg: TrainConfig, launch: Launch, init_state: dict | None = None,
+                  faults: Faults | None = None) -> dict[str, Any]:
     """Train with a TorchTrainer; return the run's summary (TrackedRun.close) with `ray_run_path`.
 
-    `init_state`: model weights to start from unless the run resumes from its own checkpoint."""
+    `init_state`: model weights to start from unless the run resumes from its own checkpoint.
+    `faults`: test faults for the workers to fire (orchestrator.faults)."""
     connect(launch.address)
     uri = resolve_tracking_uri(launch.tracking_uri)
     check_tracking_uri(uri, alive_node_count())
@@ -233,7 +236,7 @@ def run_ray_train(cfg: TrainConfig, launch: Launch, init_state: dict | None = No
 
     progress = ProgressChannel()
     trainer = build_trainer(cfg, launch, load_data(cfg), run=run, run_name=run_name, init_state=init_state,
-                            progress=progress)
+                            progress=progress, faults=faults)
     try:
         with progress.printing():
             result, error = trainer.fit(), None

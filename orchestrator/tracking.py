@@ -216,6 +216,13 @@ def run_metric(run, key: str) -> float | None:
     return run.data.metrics.get(mlflow_metric_name(key))
 
 
+def logged_baselines(metrics: dict[str, float]) -> dict[str, float]:
+    """The flat `baseline_*` metrics among a run's logged metrics (MLflow names), every baseline
+    that was logged, e.g. {"baseline_ridge_cosine": 0.59, ...}."""
+    section = PREFIX_SECTIONS["baseline_"] + "/"
+    return {"baseline_" + k[len(section):]: v for k, v in metrics.items() if k.startswith(section)}
+
+
 class MlflowTracker(Tracker):
     """Logs into an existing run by id (rank 0 of a job).
 
@@ -278,9 +285,7 @@ class MlflowTracker(Tracker):
         def history(key):
             return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, mlflow_metric_name(key))]
 
-        logged = self.client.get_run(self.run_id).data.metrics
-        section = PREFIX_SECTIONS["baseline_"] + "/"
-        baselines = {"baseline_" + k[len(section):]: v for k, v in logged.items() if k.startswith(section)}
+        baselines = logged_baselines(self.client.get_run(self.run_id).data.metrics)
         with tempfile.TemporaryDirectory() as tmp:
             path = validation_plot(history("val_cosine"), history("val_top1"), baselines,
                                    Path(tmp) / "validation_vs_baselines.png")

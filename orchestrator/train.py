@@ -27,17 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from model import EnergyLattice, count_parameters, lattice_loss
 from model.config import flatten
 
 from .checkpoint import check_compatible
-from .config import TrainConfig, config_from_dict, resolved, run_tags
-from .context import LocalContext, RunContext, Tracker
+from .config import ConfigError, TrainConfig, config_from_dict, resolved, run_tags
+from .context import LocalContext, RunContext, Tracker, all_gather, step_check
 from .data import PairDataset, Split, ensure_corpus, load_dataset, shard, validation_rows
 from .evaluation import Decoded, baselines, evaluate, example_rows, finish_metrics, text_metrics
+from .faults import Faults
 from .memory import keep_freed_memory, peak_memory_bytes, reset_peak_memory, use_expandable_segments
 from .plots import make_plots
 from .tracking import VALIDATION_KEYS, log_config
@@ -93,8 +93,8 @@ class BatchStream:
 
     def __init__(self, n: int, batch_size: int, seed: int, device: torch.device | str = "cpu"):
         if n < batch_size:
-            raise ValueError(f"batch_size={batch_size} is larger than the {n} training rows this worker "
-                             f"holds; lower batch_size or use more data")
+            raise ConfigError(f"batch_size={batch_size} is larger than the {n} training rows this worker holds; "
+                              f"allowed range [1, {n}] here: lower batch_size or use more data")
         self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, torch.device(device)
         self.epoch, self.position = 0, 0
         self._perm_epoch, self._perm = -1, None
@@ -144,25 +144,6 @@ def _load_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any], saved_prec
     scaler.load_state_dict(saved)  # a disabled scaler ignores what it is given
 
 
-def _all_gather(obj: Any) -> list[Any]:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
-def _step_check(loss_sum: torch.Tensor) -> tuple[float, bool]:
-    """(this rank's loss, whether the loss of any rank is non-finite), read in one host sync.
-
-    A tensor all_reduce rather than all_gather_object, which pickles through the host every step."""
-    bad = (~torch.isfinite(loss_sum)).float()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    loss_value, any_bad = torch.stack([loss_sum.float(), bad]).tolist()
-    return loss_value, any_bad > 0
-
-
 def use_deterministic_algorithms() -> None:
     """Deterministic kernels for the rest of the process, so a resumed run on CUDA repeats the
     uninterrupted one: there index_add (splatting, spawning) and the backward of index_select add
@@ -172,9 +153,9 @@ def use_deterministic_algorithms() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _maybe_crash(cfg: TrainConfig, step: int, ctx: RunContext) -> None:
-    """Test-only fault: kill this process once at `fault_crash_at_step` (rank 0 only)."""
-    if cfg.fault_crash_at_step != step or ctx.rank != 0 or ctx.fault_marker_dir() is None:
+def _maybe_crash(faults: Faults, step: int, ctx: RunContext) -> None:
+    """Test fault: kill this process once at `faults.crash_at_step` (rank 0 only)."""
+    if faults.crash_at_step != step or ctx.rank != 0 or ctx.fault_marker_dir() is None:
         return
     marker = Path(ctx.fault_marker_dir()) / f".fault-crash-at-{step}"
     if not marker.exists():
@@ -213,10 +194,10 @@ def _validate(model: EnergyLattice, val: Split, cfg: TrainConfig, ctx: RunContex
     """Validation metrics over all ranks: each rank evaluates its share of the rows. Returns the
     metrics (`val_*`, `lattice_gain`, `plane_difference`) and the decoded texts in row order."""
     rows = slice(ctx.rank, None, ctx.world_size)
-    metrics, decoded, lattice_decoded = evaluate(model, val, batch_size=cfg.batch_size, device=device,
-                                                 seed=cfg.seed + 7919, rows=rows)
+    metrics, decoded, lattice_decoded, _ = evaluate(model, val, batch_size=cfg.batch_size, device=device,
+                                                    seed=cfg.seed + 7919, rows=rows)
     n_local = len(range(*rows.indices(len(val))))
-    parts = _all_gather((n_local, metrics, decoded.neighbour.cpu(), lattice_decoded.neighbour.cpu()))
+    parts = all_gather((n_local, metrics, decoded.neighbour.cpu(), lattice_decoded.neighbour.cpu()))
     n = sum(p[0] for p in parts)
     merged = finish_metrics({k: sum(p[1][k] * p[0] for p in parts) / max(n, 1) for k in metrics})
 
@@ -250,6 +231,7 @@ class TrainingRun:
     schedule: LRSchedule
     scaler: torch.amp.GradScaler
     stream: BatchStream
+    faults: Faults                         # the context's test faults if they apply to this config, else none
     step: int = 0
     baselines: dict[str, float] = field(default_factory=dict)  # rank 0 only
     status: str = "completed"
@@ -328,7 +310,8 @@ def _setup(config: TrainConfig | dict[str, Any], ctx: RunContext | None, tracker
         train_targets=torch.from_numpy(train_rows.target_emb).to(device),
         model=model, ddp_model=model, optimizer=optimizer, schedule=LRSchedule(cfg),
         scaler=torch.amp.GradScaler(device.type, enabled=cfg.model.precision == "fp16-mixed"),
-        stream=BatchStream(len(train_rows), cfg.batch_size, cfg.seed * 1009 + ctx.rank, device))
+        stream=BatchStream(len(train_rows), cfg.batch_size, cfg.seed * 1009 + ctx.rank, device),
+        faults=ctx.faults if ctx.faults.active_for(cfg) else Faults())
 
 
 def _resume_or_init(run: TrainingRun, init_state: dict[str, torch.Tensor] | None) -> None:
@@ -359,7 +342,7 @@ def _start(run: TrainingRun, given_weights: bool) -> None:
     cfg, ctx, tracker, model = run.cfg, run.ctx, run.tracker, run.model
     run.baselines = (run.data.baselines or baselines(run.data.train, run.val)) if ctx.rank == 0 else {}
     # Which rows each rank trains on (count and fingerprint), so a run shows its sharding.
-    shards = _all_gather([ctx.rank, len(run.train_rows), _fingerprint(run.train_rows.input_texts)])
+    shards = all_gather([ctx.rank, len(run.train_rows), _fingerprint(run.train_rows.input_texts)])
     if run.step == 0:
         tracker.log_params(flatten(cfg))
         log_config(tracker, asdict(cfg))
@@ -382,7 +365,7 @@ def _optimizer_step(run: TrainingRun) -> StepResult | None:
     Returns None, with run.status "diverged" and run.step back at the last applied step, when the
     loss of any rank is not finite; the update is not applied then."""
     cfg, step, device = run.cfg, run.step, run.device
-    _maybe_crash(cfg, step, run.ctx)
+    _maybe_crash(run.faults, step, run.ctx)
     lr = run.schedule.lr(step)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -398,14 +381,14 @@ def _optimizer_step(run: TrainingRun) -> StepResult | None:
         with (contextlib.nullcontext() if sync else run.ddp_model.no_sync()):
             out = run.ddp_model(run.train_inputs[idx])
             loss = lattice_loss(out, run.train_targets[idx], cfg.model) / cfg.grad_accum_steps
-            if cfg.fault_nan_loss_at_step == step:
+            if run.faults.nan_loss_at_step == step:
                 loss = loss * float("nan")
             run.scaler.scale(loss).backward()
         loss_sum += loss.detach()
         steps_used += out.stats.steps_used
         completion += out.stats.completion
         spawned += out.stats.spawned.float().mean()
-    loss_value, diverged = _step_check(loss_sum)
+    loss_value, diverged = step_check(loss_sum)
 
     if diverged:
         run.status = "diverged"
@@ -480,7 +463,7 @@ def _validate_and_checkpoint(run: TrainingRun, loss_value: float) -> None:
 
 def _checkpoint_state(run: TrainingRun) -> dict[str, Any] | None:
     """Everything a resume needs, gathered from every rank (data position, RNG); None off rank 0."""
-    states = _all_gather((run.stream.state_dict(), _rng_state()))
+    states = all_gather((run.stream.state_dict(), _rng_state()))
     if run.ctx.rank != 0:
         return None
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
@@ -538,5 +521,5 @@ def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
 
 def _decode_examples(model: EnergyLattice, val: Split, cfg: TrainConfig, device: torch.device) -> list[str]:
     rows = slice(0, cfg.decode_examples)
-    _, decoded, _ = evaluate(model, val, batch_size=cfg.batch_size, device=device, seed=cfg.seed + 7919, rows=rows)
+    decoded = evaluate(model, val, batch_size=cfg.batch_size, device=device, seed=cfg.seed + 7919, rows=rows).decoded
     return decoded.texts(val)

@@ -39,6 +39,7 @@ from .config import TrainConfig, flatten, make_config, resolved, run_tags
 from .context import TuneContext, best_checkpoint
 from .data import PairDataset, validation_rows
 from .evaluation import baselines
+from .faults import Faults
 from .ray_train import (Launch, WorkerBudget, alive_node_count, build_trainer, check_gpu_share, connect,
                         prepare_config, storage_path, with_planned_batch)
 from .plots import parallel_coordinates
@@ -122,8 +123,9 @@ def _open_trial_run(settings: TrialSettings, trial_id: str, cfg: TrainConfig, sa
                            tags={**tags, "status": "running"}, parent_run_id=settings.parent_run_id)
 
 
-def run_trial(config: dict[str, Any], data: PairDataset, settings: TrialSettings) -> None:
-    """The function every Tune trial runs; `data` and the sweep's settings come through the object store."""
+def run_trial(config: dict[str, Any], data: PairDataset, settings: TrialSettings, faults: Faults | None = None) -> None:
+    """The function every Tune trial runs; `data`, the sweep's settings and the faults a test
+    switched on come through the object store."""
     import ray.tune
 
     from .planner import MemoryBudgetError
@@ -144,7 +146,7 @@ def run_trial(config: dict[str, Any], data: PairDataset, settings: TrialSettings
         return
     if settings.workers_per_trial == 1:
         (worker_data,) = worker_shards(data, 1, cfg.val_max_samples)
-        train_loop(cfg, TuneContext(extra, baseline_cosine=settings.identity_cosine), run.tracker(),
+        train_loop(cfg, TuneContext(extra, baseline_cosine=settings.identity_cosine, faults=faults), run.tracker(),
                    data=worker_data)
         return
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -152,7 +154,7 @@ def run_trial(config: dict[str, Any], data: PairDataset, settings: TrialSettings
                     storage=str(Path(settings.storage) / settings.experiment / "trainers"),
                     max_failures=settings.max_failures)
     trainer = build_trainer(prepare_config(cfg), launch, data, run=run, run_name=trial_id,
-                            callbacks=[TuneReportCallback()])
+                            callbacks=[TuneReportCallback()], faults=faults)
     trainer.fit()
 
 
@@ -350,8 +352,9 @@ def _fmt_metric(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "none"
 
 
-def run_sweep(sweep: Sweep) -> dict[str, Any]:
-    """Run (or, with `resume`, continue) a sweep; return its summary."""
+def run_sweep(sweep: Sweep, faults: Faults | None = None) -> dict[str, Any]:
+    """Run (or, with `resume`, continue) a sweep; return its summary. `faults` is for tests of the
+    failure paths (`Faults.only_for` picks the trials they fire in)."""
     from ray import tune
 
     started = time.perf_counter()
@@ -382,7 +385,7 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
             raise SpaceError(f"no sweep to resume at {sweep_dir}")
         settings = TrialSettings.load(sweep_dir / SWEEP_FILE)  # a resumed sweep keeps its settings
         parent = TrackedRun(uri, settings.parent_run_id)
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable=_trainable(data, settings, sweep), resume_unfinished=True,
+        tuner = tune.Tuner.restore(str(sweep_dir), trainable=_trainable(data, settings, sweep, faults), resume_unfinished=True,
                                    resume_errored=True)
         log.info("resuming sweep %s (MLflow parent run %s)", sweep_dir, parent.run_id)
     else:
@@ -406,7 +409,7 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         settings.save(sweep_dir / SWEEP_FILE)
         tuner = tune.Tuner(
-            _trainable(data, settings, sweep),
+            _trainable(data, settings, sweep, faults),
             param_space={"preset": sweep.preset, "set": sets, "sampled": space.param_space()},
             tune_config=tune.TuneConfig(num_samples=sweep.num_samples, metric=sweep.metric, mode="max",
                                         scheduler=scheduler, search_alg=searcher,
@@ -440,11 +443,11 @@ def run_sweep(sweep: Sweep) -> dict[str, Any]:
             "trial_train_time_s": sum(t["wall_time_s"] or 0.0 for t in trials), "report": report}
 
 
-def _trainable(data: PairDataset, settings: TrialSettings, sweep: Sweep):
+def _trainable(data: PairDataset, settings: TrialSettings, sweep: Sweep, faults: Faults | None):
     """run_trial with the data and the sweep's settings as parameters: kept out of the trials' config,
     Tune's tables of each trial show the values that vary, not the plumbing."""
     from ray import tune
-    return tune.with_resources(tune.with_parameters(run_trial, data=data, settings=settings), _trial_resources(sweep))
+    return tune.with_resources(tune.with_parameters(run_trial, data=data, settings=settings, faults=faults), _trial_resources(sweep))
 
 
 def _interrupted(sweep_dir: Path, expected_trials: int) -> bool:

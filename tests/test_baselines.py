@@ -53,3 +53,45 @@ def test_identity_and_mean_target_baselines():
     mean = y[:200].mean(0)
     expected = np.mean(x[200:] @ mean / (np.linalg.norm(x[200:], axis=1) * np.linalg.norm(mean)))
     assert out["baseline_mean_target_cosine"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_evaluate_decodes_the_skip_path_the_model_computes():
+    import torch
+
+    from model import EnergyLattice, preset
+    from orchestrator.evaluation import decode, evaluate
+    rng = np.random.default_rng(0)
+    val = split(rng.standard_normal((24, 384)), rng.standard_normal((24, 384)), "val")
+    torch.manual_seed(0)
+    model = EnergyLattice(preset("smoke")).eval()
+    with torch.no_grad():
+        model.skip_scale.fill_(0.7)
+    skip = evaluate(model, val, batch_size=8, device=torch.device("cpu"), seed=1).skip_decoded
+    targets = torch.from_numpy(val.target_emb)
+    rebuilt = decode(model.skip_scale.detach() * torch.from_numpy(val.input_emb), targets,
+                     torch.nn.functional.normalize(targets, dim=-1))
+    assert torch.equal(skip.cosine, rebuilt.cosine) and torch.equal(skip.neighbour, rebuilt.neighbour)
+    no_skip = EnergyLattice(preset("smoke", skip=False)).eval()
+    assert evaluate(no_skip, val, batch_size=8, device=torch.device("cpu"), seed=1).skip_decoded is None
+
+
+def test_quality_table_lines():
+    from orchestrator.quality import format_quality_table
+    result = {"preset": "debug", "steps": 1000, "batch_size": 32, "precision": "fp32", "train_rows": 3000,
+              "val_rows": 256, "rows": [{"predictor": "lattice", "cosine": 0.61234, "top1": 0.2, "bleu": 12.34},
+                                        {"predictor": "kernel ridge", "cosine": 0.4, "top1": 0.1, "bleu": 3.0}],
+              "lattice_gain": 0.0123, "plane_difference": 0.4567, "plane_balance": 0.321, "skip_scale": 0.876,
+              "train_seconds": 123.4, "seconds_per_step": 0.1234, "baseline_seconds": 12.2,
+              "curve": [{"step": 0, "val_cosine": 0.1, "val_top1": 0.0}, {"step": 100, "val_cosine": 0.5,
+                                                                        "val_top1": 0.12}]}
+    assert format_quality_table(result).splitlines() == [
+        "quality: debug, 1000 steps x batch 32 (fp32), 3000 training rows, 256 validation rows",
+        "",
+        "  predictor       cosine  top-1   BLEU",
+        "  lattice         0.6123  0.200   12.3",
+        "  kernel ridge    0.4000  0.100    3.0",
+        "",
+        "  lattice gain over its skip path +0.0123; plane difference 0.457, balance 0.321; skip scale 0.876",
+        "  training 123 s (0.12 s/step, validations included), baselines 12 s",
+        "  validation curve: 0: 0.100/0.000, 100: 0.500/0.120  (step: cosine/top-1)"]
+    assert format_quality_table({**result, "skip_scale": None}).splitlines()[6].endswith("balance 0.321")

@@ -5,6 +5,7 @@ No test here asserts a speed; the machine is shared and CPU timings are noisy.
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from model import PRESETS, EnergyLattice, count_parameters, flow_step_flops, preset, run_flows
+from model.config import ConfigError
 from orchestrator.memory import available_memory_bytes
 from orchestrator.memory_measure import measure_peak_bytes
 from orchestrator.planner import (GiB, MemoryBudgetError, carrier_parameter_count, estimate_peak_bytes,
@@ -102,6 +104,19 @@ def test_plan_cli_prints_the_choice_and_refuses_one_line():
     assert refused.returncode == 2
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "over the budget of 2.00 GiB" in lines[0]
+
+
+@pytest.mark.parametrize("flag, needle", [
+    (["--flows-per-sample", "5"], "flows_per_sample=5 (--flows-per-sample) is out of range; allowed range [64, 128]"),
+    (["--steps", "999"], "steps=999 (--steps) is out of range; allowed range [1, 16]"),
+])
+def test_plan_flags_out_of_range_are_a_user_error_naming_flag_and_range(flag, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        plan_batch(preset("smoke"), GiB, **{flag[0][2:].replace("-", "_"): int(flag[1])})
+    refused = cli("plan", "--preset", "smoke", "--budget-gb", "1", *flag, timeout=120)
+    assert refused.returncode == 2
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {needle}"), lines
 
 
 def test_bench_writes_every_figure(tmp_path, corpus_path):

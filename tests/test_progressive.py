@@ -228,3 +228,26 @@ def test_with_the_flag_an_incompatible_stage_starts_from_random_weights(tmp_path
     assert rows["smoke"]["init_from"] == "random" and rows["debug"]["init_from"].startswith("random")
     client = MlflowClient(summary["tracking_uri"])
     assert client.get_run(rows["debug"]["mlflow_run_id"]).data.tags["init_source"] == "random"
+
+
+def test_the_stage_table_lists_every_baseline_the_stage_logged(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from orchestrator import progressive
+    metrics = {"eval/cosine": 0.61, "eval/top1": 0.2, "val_baseline/identity_cosine": 0.46,
+               "val_baseline/identity_top1": 0.09, "val_baseline/ridge_cosine": 0.59, "val_baseline/ridge_top1": 0.18,
+               "val_baseline/ridge_lambda": 10.0, "val_baseline/nearest_input_cosine": 0.5,
+               "val_baseline/nearest_input_top1": 0.1}
+    run = SimpleNamespace(data=SimpleNamespace(metrics=metrics, tags={"lattice": "12x12x8", "model_version": "3"},
+                                               params={"max_steps": "6", "batch_size": "8"}),
+                          info=SimpleNamespace(run_id="r1"))
+    row = progressive._row("scale-12", run, skipped=False)
+    assert row["baseline_nearest_input_cosine"] == 0.5 and row["baseline_ridge_top1"] == 0.18
+    monkeypatch.setattr(progressive, "experiment_id", lambda uri, name: "1")
+    monkeypatch.setattr(progressive, "browse_lines", lambda uri, exp: ["mlflow ui"])
+    monkeypatch.setattr(progressive, "ray_logs_dir", lambda: "/tmp/ray")
+    progressive.print_table({"status": "completed", "experiment": "e", "parent_run_id": "p", "tracking_uri": "u",
+                             "stages": [row]})
+    out = capsys.readouterr().out
+    assert ("baselines on the same rows (cosine / top-1): identity 0.4600 / 0.090, ridge 0.5900 / 0.180, "
+            "nearest input 0.5000 / 0.100") in out

@@ -13,6 +13,7 @@ import torch
 from mlflow import MlflowClient
 
 from orchestrator.checkpoint import load_model
+from orchestrator.faults import Faults
 from orchestrator.ray_train import Launch, run_ray_train
 from orchestrator.tracking import TrackingConfigError, check_tracking_uri, load_registered_model
 
@@ -71,8 +72,8 @@ def test_two_workers_train_on_their_own_shards_and_rank0_logs_a_complete_run(tmp
 
 def test_a_worker_killed_mid_run_is_restarted_without_losing_or_repeating_steps(tmp_path, ray_instance,
                                                                                quick_config):
-    cfg = quick_config(max_steps=10, fault_crash_at_step=7)
-    summary = run_ray_train(cfg, launch(tmp_path, workers=2, max_failures=2))
+    cfg = quick_config(max_steps=10)
+    summary = run_ray_train(cfg, launch(tmp_path, workers=2, max_failures=2), faults=Faults(crash_at_step=7))
     assert summary["status"] == "completed" and summary["steps"] == 10
     assert list((tmp_path / "ray").rglob(".fault-crash-at-7")), "the fault never fired"
     client = MlflowClient(summary["tracking_uri"])
@@ -84,8 +85,8 @@ def test_a_worker_killed_mid_run_is_restarted_without_losing_or_repeating_steps(
 
 def test_non_finite_loss_ends_the_run_as_diverged_with_the_last_good_checkpoint(tmp_path, ray_instance,
                                                                                 quick_config):
-    cfg = quick_config(max_steps=12, fault_nan_loss_at_step=6)
-    summary = run_ray_train(cfg, launch(tmp_path, workers=1))
+    cfg = quick_config(max_steps=12)
+    summary = run_ray_train(cfg, launch(tmp_path, workers=1), faults=Faults(nan_loss_at_step=6))
     assert summary["status"] == "diverged" and summary["steps"] == 5
     state = torch.load(f"{summary['checkpoint']}/state.pt", weights_only=True)
     assert state["step"] == 4

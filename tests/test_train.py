@@ -1,6 +1,7 @@
 """The training loop in a plain process: learning, checkpoints, exact resume, divergence."""
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -8,17 +9,18 @@ import torch
 from model import EnergyLattice, preset
 from orchestrator.checkpoint import (CheckpointError, check_compatible, list_checkpoints, load_checkpoint,
                                      load_model, save_checkpoint)
-from orchestrator.config import make_config
+from orchestrator.config import ConfigError, config_from_dict, make_config
 from orchestrator.context import FileTracker, LocalContext, read_metrics
-from orchestrator.train import SUMMARY_KEYS, train_loop
+from orchestrator.faults import Faults
+from orchestrator.train import SUMMARY_KEYS, BatchStream, train_loop
 
 QUICK = {"batch_size": 16, "val_max_samples": 64, "warmup_steps": 2, "log_every": 1}
 
 
-def train(tmp_path, data, name="run", resume_from=None, **overrides):
+def train(tmp_path, data, name="run", resume_from=None, faults=None, **overrides):
     cfg = make_config("smoke", {**QUICK, **overrides})
     out = tmp_path / name
-    summary = train_loop(cfg, LocalContext(out, resume_from=resume_from), FileTracker(out), data=data)
+    summary = train_loop(cfg, LocalContext(out, resume_from=resume_from, faults=faults), FileTracker(out), data=data)
     return summary, out
 
 
@@ -99,7 +101,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path):
 
 def test_non_finite_loss_stops_as_diverged_and_keeps_the_last_good_checkpoint(tmp_path, small_data):
     summary, out = train(tmp_path, small_data, max_steps=10, checkpoint_every=2, val_every=2,
-                         fault_nan_loss_at_step=5)
+                         faults=Faults(nan_loss_at_step=5))
     assert summary["status"] == "diverged"
     assert summary["steps"] == 4
     assert [p.name for p in list_checkpoints(out / "checkpoints")][-1] == "step_00000004"
@@ -108,6 +110,24 @@ def test_non_finite_loss_stops_as_diverged_and_keeps_the_last_good_checkpoint(tm
     assert state["step"] == 4
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     assert max(losses(out)) == 4  # nothing was logged for the bad step
+
+
+def test_faults_fire_only_in_runs_with_the_named_config_values(tmp_path, small_data):
+    faults = Faults(nan_loss_at_step=2, only_for={"seed": 1, "model.width": 8})
+    assert faults.active_for(make_config("smoke", {"seed": 1}))
+    assert not faults.active_for(make_config("smoke", {"seed": 0}))
+    assert Faults().active_for(make_config("smoke"))
+    with pytest.raises(ConfigError, match="unknown config field 'model.widht'"):
+        Faults(only_for={"model.widht": 8}).active_for(make_config("smoke"))
+    healthy, _ = train(tmp_path, small_data, "seed0", max_steps=3, seed=0, faults=faults)
+    diverged, _ = train(tmp_path, small_data, "seed1", max_steps=3, seed=1, faults=faults)
+    assert (healthy["status"], healthy["steps"]) == ("completed", 3)
+    assert (diverged["status"], diverged["steps"]) == ("diverged", 1)
+
+
+def test_a_config_saved_with_the_removed_fault_fields_still_loads():
+    saved = {**dataclasses.asdict(make_config("smoke")), "fault_nan_loss_at_step": None, "fault_crash_at_step": 7}
+    assert config_from_dict(saved) == make_config("smoke")
 
 
 def test_resume_state_is_loaded_on_the_cpu(tmp_path, small_data):
@@ -137,8 +157,14 @@ def test_resume_across_precisions_and_deterministic_mode(tmp_path, small_data):
     assert fp32["status"] == "completed" and fp32["steps"] == 5
 
 
+def test_a_batch_larger_than_the_training_rows_is_a_config_error_naming_field_and_range():
+    with pytest.raises(ConfigError, match=re.escape("batch_size=8 is larger than the 5 training rows this worker "
+                                                    "holds; allowed range [1, 5]")):
+        BatchStream(5, 8, seed=0)
+
+
 def test_step_check_reads_loss_and_divergence_together():
-    from orchestrator.train import _step_check
-    assert _step_check(torch.tensor(0.25)) == (0.25, False)
-    loss, diverged = _step_check(torch.tensor(float("nan")))
+    from orchestrator.context import step_check
+    assert step_check(torch.tensor(0.25)) == (0.25, False)
+    loss, diverged = step_check(torch.tensor(float("nan")))
     assert diverged and loss != loss

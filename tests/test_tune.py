@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 
 from orchestrator.checkpoint import META_FILE
 from orchestrator.config import make_config
+from orchestrator.faults import Faults
 from orchestrator.tracking import compare_runs
 from orchestrator.search_space import SpaceError, load_space
 from orchestrator.tune import (PBT_MUTABLE, Sweep, TrialSettings, _clip_to_space, _finish_trial, asha_limits,
@@ -216,13 +217,14 @@ def test_infeasible_trial_ends_with_its_reason_and_the_sweep_goes_on(tmp_path, r
 
 @pytest.mark.ray
 def test_a_diverged_trial_does_not_stop_the_sweep(tmp_path, ray_instance, corpus_path):
-    space = tmp_path / "faults.yaml"
-    space.write_text("fault_nan_loss_at_step: {grid: [6, 100000]}\n")  # the second never fires
-    summary = run_sweep(sweep(tmp_path, corpus_path, spaces=[str(space)], num_samples=1, scheduler="fifo"))
-    by_fault = {t["params"]["fault_nan_loss_at_step"]: t for t in summary["trials"]}
-    assert by_fault[6]["status"] == "diverged" and by_fault[100000]["status"] == "completed"
-    assert summary["status"] == "completed" and summary["best"] == by_fault[100000]["trial_id"]
-    run = MlflowClient(summary["tracking_uri"]).get_run(by_fault[6]["mlflow_run_id"])
+    space = tmp_path / "seeds.yaml"
+    space.write_text("seed: {grid: [0, 1]}\n")
+    summary = run_sweep(sweep(tmp_path, corpus_path, spaces=[str(space)], num_samples=1, scheduler="fifo"),
+                        faults=Faults(nan_loss_at_step=6, only_for={"seed": 0}))  # the seed-1 trial stays healthy
+    by_seed = {t["params"]["seed"]: t for t in summary["trials"]}
+    assert by_seed[0]["status"] == "diverged" and by_seed[1]["status"] == "completed"
+    assert summary["status"] == "completed" and summary["best"] == by_seed[1]["trial_id"]
+    run = MlflowClient(summary["tracking_uri"]).get_run(by_seed[0]["mlflow_run_id"])
     assert run.data.tags["status"] == "diverged"
 
 
