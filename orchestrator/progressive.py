@@ -205,7 +205,8 @@ def print_table(summary: dict[str, Any]) -> None:
               + ("  (finished earlier)" if r["skipped"] else ""))
     scores = baseline_scores(summary["stages"][-1]) if summary["stages"] else {}
     if scores:
-        print("  alone: the lattice path without the skip path; gain: val_cos minus the skip path alone.\n"
+        print("  alone: the lattice path without the skip path; gain: val_cos minus the skip path alone "
+              "(without one, minus identity).\n"
               "  baselines on the same rows (cosine / top-1): " + ", ".join(
                   f"{name.replace('_', ' ')} {fmt(values.get('cosine'), 4)} / {fmt(values.get('top1'), 3)}"
                   for name, values in scores.items()))

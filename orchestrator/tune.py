@@ -56,7 +56,12 @@ SCHEDULERS = ("asha", "fifo", "pbt")
 # What a sweep can maximise; each is in every validation report of a trial.
 METRICS = {
     "val_cosine": "validation cosine of the prediction with the target embedding",
-    "lattice_gain": "validation cosine of the whole model minus that of its skip path alone: what the lattice adds",
+    "lattice_gain": "validation cosine minus that of the shortcut (the skip path alone, or without one the input "
+                    "copied unchanged): what the model adds over copying its input. Cosine ignores the skip "
+                    "path's scale, so across trials on one dataset this ranks as val_cosine does; it reads as a "
+                    "gain, and dropping the skip path cannot inflate it",
+    "val_cosine_lattice_only": "validation cosine of the lattice path decoded alone, without the skip path: what "
+                               "the lattice itself computes, the objective no shortcut can win",
     "val_cosine_per_hour": "validation cosine gained over the identity baseline (the skip path's starting point) "
                            "per hour of the trial's training: quality for the time spent",
 }
@@ -273,12 +278,12 @@ def pbt_scheduler(cfg: TrainConfig, space: SearchSpace, interval: int | None):
     return PopulationBasedTraining(
         time_attr="step", perturbation_interval=interval,
         hyperparam_mutations={"sampled": {key: domains[key] for key in mutable}},
-        custom_explore_fn=functools.partial(_clip_to_space, bounds={
+        custom_explore_fn=functools.partial(clip_to_space, bounds={
             key: (min(args[:2]), max(args[:2])) for key, (dist, args) in mutable.items()
             if dist in ("uniform", "loguniform", "randint", "quniform")}))
 
 
-def _clip_to_space(config: dict[str, Any], bounds: dict[str, tuple[float, float]]) -> dict[str, Any]:
+def clip_to_space(config: dict[str, Any], bounds: dict[str, tuple[float, float]]) -> dict[str, Any]:
     sampled = config["sampled"]
     for key, (low, high) in bounds.items():
         if key in sampled:
@@ -311,7 +316,7 @@ TRIAL_METRICS = ("val_cosine", "val_top1", "lattice_gain", "val_cosine_lattice_o
                  "val_cosine_per_hour")
 
 
-def _finish_trial(result, settings: TrialSettings, trial_id: str, run_id: str | None) -> dict[str, Any]:
+def finish_trial(result, settings: TrialSettings, trial_id: str, run_id: str | None) -> dict[str, Any]:
     """Close a trial's child run (its best checkpoint registered once) and return its row of the
     sweep summary, which is also its record for the sweep report (`params`, `metrics`, `status`)."""
     last = result.metrics or {}
@@ -432,7 +437,7 @@ def run_sweep(sweep: Sweep, faults: Faults | None = None) -> dict[str, Any]:
     trials = []
     for n, result in enumerate(grid):
         trial_id = (result.metrics or {}).get("trial_id") or f"unreported-{n}"  # never reached a report
-        trials.append(_finish_trial(result, settings, trial_id, run_ids.get(trial_id)))
+        trials.append(finish_trial(result, settings, trial_id, run_ids.get(trial_id)))
     trials.sort(key=lambda t: t["trial_id"])
     best = best_trial(trials, settings.metric)
     report = _finish_parent(parent, trials, best, settings.metric)

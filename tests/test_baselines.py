@@ -75,6 +75,28 @@ def test_evaluate_decodes_the_skip_path_the_model_computes():
     assert evaluate(no_skip, val, batch_size=8, device=torch.device("cpu"), seed=1).skip_decoded is None
 
 
+def test_the_lattice_gain_is_over_the_shortcut_with_or_without_a_skip_path():
+    """With a skip path, the gain is over the skip path alone; without one, over the input copied
+    unchanged (the identity baseline), so dropping the skip path cannot turn the whole prediction into gain."""
+    from model import EnergyLattice, preset
+    import torch
+
+    from orchestrator.evaluation import evaluate, finish_metrics
+    rng = np.random.default_rng(0)
+    inputs = rng.standard_normal((24, 384))
+    val = split(inputs, inputs + rng.standard_normal((24, 384)), "val")
+    identity = torch.nn.functional.cosine_similarity(torch.from_numpy(val.input_emb),
+                                                     torch.from_numpy(val.target_emb), dim=-1).mean().item()
+    torch.manual_seed(0)
+    for skip in (True, False):
+        model = EnergyLattice(preset("smoke", skip=skip)).eval()
+        metrics = finish_metrics(evaluate(model, val, batch_size=8, device=torch.device("cpu"), seed=1).metrics)
+        shortcut = metrics["cosine_skip_only"] if skip else identity
+        assert metrics["lattice_gain"] == pytest.approx(metrics["cosine"] - shortcut, abs=1e-6)
+        assert "cosine_shortcut" not in metrics
+    assert metrics["cosine_skip_only"] == 0.0  # the no-skip model's skip path predicts nothing
+
+
 def test_quality_table_lines():
     from orchestrator.quality import format_quality_table
     result = {"preset": "debug", "steps": 1000, "batch_size": 32, "precision": "fp32", "train_rows": 3000,

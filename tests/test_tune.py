@@ -16,7 +16,7 @@ from orchestrator.config import make_config
 from orchestrator.faults import Faults
 from orchestrator.tracking import compare_runs
 from orchestrator.search_space import SpaceError, load_space
-from orchestrator.tune import (PBT_MUTABLE, Sweep, TrialSettings, _clip_to_space, _finish_trial, asha_limits,
+from orchestrator.tune import (PBT_MUTABLE, Sweep, TrialSettings, clip_to_space, finish_trial, asha_limits,
                                check_sweep, pbt_scheduler, run_sweep)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def test_optuna_refuses_the_grid_form_naming_the_keys(tmp_path):
 @pytest.mark.parametrize("kw, problem", [
     (dict(search="optuna", scheduler="pbt"), "--scheduler pbt explores by perturbing"),
     (dict(search="bayes"), "--search 'bayes' is not one of random, optuna"),
-    (dict(metric="val_loss"), "--metric 'val_loss' is not one of val_cosine, lattice_gain, val_cosine_per_hour"),
+    (dict(metric="val_loss"), "--metric 'val_loss' is not one of val_cosine, lattice_gain, val_cosine_lattice_only, val_cosine_per_hour"),
     (dict(scheduler="pbt", pbt_interval=0), "--pbt-interval=0 must be at least 1 step"),
 ])
 def test_sweep_settings_that_cannot_work_are_refused(kw, problem):
@@ -125,7 +125,7 @@ def test_pbt_varies_only_fields_that_may_change_while_training(tmp_path):
     assert scheduler._perturbation_interval == 4
     assert set(scheduler._hyperparam_mutations["sampled"]) == {"lr", "model.spawn_threshold"} <= set(PBT_MUTABLE)
     # a perturbation (x1.2, x0.8) past the space's bounds is pulled back inside them
-    clipped = _clip_to_space({"sampled": {"lr": 0.05, "model.spawn_threshold": 0.01, "model.skip": True}},
+    clipped = clip_to_space({"sampled": {"lr": 0.05, "model.spawn_threshold": 0.01, "model.skip": True}},
                              {"lr": (1e-4, 1e-2), "model.spawn_threshold": (0.05, 0.3)})
     assert clipped["sampled"] == {"lr": 1e-2, "model.spawn_threshold": 0.05, "model.skip": True}
 
@@ -139,7 +139,7 @@ def test_a_stopped_trial_says_at_which_step_and_what_it_last_measured(tmp_path):
     result = Result(metrics={"step": 8, "val_cosine": 0.38, "lattice_gain": -0.03, "wall_time_s": 3.5,
                              "val_steps_used": 5.0, "config": config},
                     checkpoint=None, error=None, path=str(tmp_path))
-    row = _finish_trial(result, settings, "t1", run_id=None)
+    row = finish_trial(result, settings, "t1", run_id=None)
     assert row["status"] == "stopped"
     assert row["reason"] == "stopped by the scheduler at step 8; last validation: val_cosine 0.3800, lattice_gain -0.0300"
     assert row["metrics"]["steps"] == 8 and row["metrics"]["wall_time_s"] == 3.5
