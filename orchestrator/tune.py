@@ -264,7 +264,7 @@ def pbt_scheduler(cfg: TrainConfig, space: SearchSpace, interval: int | None):
     that report one: the interval defaults to checkpoint_every and must be a multiple of it.
     Perturbed values are clipped to the space's bounds (a threshold pushed past its allowed range
     would fail the trial instead of exploring)."""
-    from ray.tune.schedulers import PopulationBasedTraining
+    from .pbt import PBTBeforeTheLastStep
     _refuse_sampled_schedule(space, "PBT")
     mutable = {key: spec for key, spec in space.entries.items() if key in PBT_MUTABLE}
     if not mutable:
@@ -275,8 +275,8 @@ def pbt_scheduler(cfg: TrainConfig, space: SearchSpace, interval: int | None):
         raise SpaceError(f"--pbt-interval={interval} must be a multiple of checkpoint_every={cfg.checkpoint_every}: "
                          f"a trial can only copy a checkpoint its donor reported")
     domains = space.param_space()
-    return PopulationBasedTraining(
-        time_attr="step", perturbation_interval=interval,
+    return PBTBeforeTheLastStep(
+        last_step=cfg.max_steps, time_attr="step", perturbation_interval=interval,
         hyperparam_mutations={"sampled": {key: domains[key] for key in mutable}},
         custom_explore_fn=functools.partial(clip_to_space, bounds={
             key: (min(args[:2]), max(args[:2])) for key, (dist, args) in mutable.items()
