@@ -126,10 +126,7 @@ def _train_local(cfg, args, faults=None) -> int:
 def _train_ray(cfg, args) -> int:
     from .ray_train import Launch, run_ray_train
     setup_logging()
-    launch = Launch(workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                    gpus_per_worker=args.gpus_per_worker, storage=args.storage, tracking_uri=args.mlflow_uri,
-                    experiment=args.experiment, run_name=args.name, address=args.address,
-                    max_failures=args.max_failures)
+    launch = Launch(**_placement(args), **_worker_group(args), max_failures=args.max_failures, run_name=args.name)
     summary = run_ray_train(cfg, launch)
     if args.summary_json:
         _write_json(args.summary_json, summary)
@@ -188,9 +185,7 @@ def cmd_tune(args) -> int:
         spaces=args.space, preset=args.preset, sets=sets, num_samples=args.num_samples, max_steps=args.max_steps,
         search=args.search, scheduler=args.scheduler, metric=args.metric, pbt_interval=args.pbt_interval,
         seed=args.seed, workers_per_trial=args.workers_per_trial, gpus_per_trial=args.gpus_per_trial,
-        concurrency=args.concurrency, resume=args.resume, experiment=args.experiment,
-        storage=args.storage, tracking_uri=args.mlflow_uri, address=args.address,
-        trial_memory_gb=args.trial_memory_gb)
+        concurrency=args.concurrency, resume=args.resume, trial_memory_gb=args.trial_memory_gb, **_placement(args))
     steps = {} if args.max_steps is None else {"max_steps": args.max_steps}
     check_sweep(sweep, make_config(args.preset, {**sets, **steps}), space)
     resolve_tracking_uri(args.mlflow_uri)
@@ -232,11 +227,9 @@ def cmd_scale(args) -> int:
         raise UserError(f"--steps-per-stage expects numbers such as 300 or 1000,300, got "
                         f"{args.steps_per_stage!r}") from None
     job = ScalingJob(stages=[s.strip() for s in args.stages.split(",") if s.strip()],
-                     steps_per_stage=steps, workers=args.workers,
-                     cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                     batch=args.batch, sets=parse_sets(args.set or []), experiment=args.experiment,
-                     storage=args.storage, tracking_uri=args.mlflow_uri, address=args.address,
-                     max_failures=args.max_failures, carried_lr_scale=args.carried_lr_scale,
+                     steps_per_stage=steps, batch=args.batch, sets=parse_sets(args.set or []),
+                     **_placement(args), **_worker_group(args), max_failures=args.max_failures,
+                     carried_lr_scale=args.carried_lr_scale,
                      fresh_start_incompatible=args.fresh_start_incompatible)
     if not 0 < job.carried_lr_scale <= 10:
         raise UserError(f"--carried-lr-scale={job.carried_lr_scale} is out of range; allowed range (0, 10]")
@@ -401,6 +394,17 @@ def cmd_gpu_check(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+
+def _placement(args) -> dict[str, Any]:
+    """The shared launch flags as `ray_train.Placement` fields (--max-failures only where the command has it)."""
+    return {"address": args.address, "storage": args.storage, "tracking_uri": args.mlflow_uri,
+            "experiment": args.experiment}
+
+
+def _worker_group(args) -> dict[str, Any]:
+    """--workers, --cpus-per-worker, --gpus-per-worker as `ray_train.WorkerGroup` fields."""
+    return {"workers": args.workers, "cpus_per_worker": args.cpus_per_worker, "gpus_per_worker": args.gpus_per_worker}
+
 
 def _add_launch_flags(parser: argparse.ArgumentParser, *, experiment: str, experiment_help: str,
                       per_trial: bool = False) -> None:

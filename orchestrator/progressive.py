@@ -29,8 +29,8 @@ from model.transfer import transfer
 from .config import TrainConfig, make_config
 from .console import tool_command
 from .plots import baseline_scores
-from .ray_train import (Launch, WorkerBudget, alive_node_count, check_gpu_share, connect, ray_logs_dir, run_ray_train,
-                        with_planned_batch)
+from .ray_train import (Launch, Placement, WorkerBudget, WorkerGroup, alive_node_count, connect, fields_of, ray_logs_dir,
+                        run_ray_train, with_planned_batch)
 from .tracking import (REGISTERED_MODEL, TrackedRun, browse_lines, check_tracking_uri, child_runs, client_for,
                        experiment_id, load_registered_model, logged_baselines, resolve_tracking_uri, run_metric)
 
@@ -41,19 +41,14 @@ JOB_KIND = "progressive_scaling"
 
 
 @dataclass
-class ScalingJob:
+class ScalingJob(WorkerGroup, Placement):
+    """A progressive-scaling request: the stages, their steps, and where each stage's Ray Train
+    workers run (`Placement`, `WorkerGroup`: the same flags as `train`)."""
     stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     steps_per_stage: list[int] | int = field(default_factory=lambda: [300])  # one for all stages, or one per stage
-    workers: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
     batch: int | None = None               # None: the memory planner decides per stage
     sets: dict[str, Any] = field(default_factory=dict)
-    experiment: str = "energy-lattice-scaling"
-    storage: str | None = None
-    tracking_uri: str | None = None
-    address: str | None = None
-    max_failures: int = 2
+    experiment: str = field(default="energy-lattice-scaling", kw_only=True)
     # A stage that starts from the previous stage's weights fine-tunes them: its peak lr is the
     # configured lr times this (on the CPU ladder, 1.0 first lost 0.02 cosine to the new optimizer
     # state and recovered more slowly than 0.3).
@@ -63,7 +58,7 @@ class ScalingJob:
     def __post_init__(self):
         if isinstance(self.steps_per_stage, int):
             self.steps_per_stage = [self.steps_per_stage]
-        check_gpu_share(self.workers, self.gpus_per_worker)
+        super().__post_init__()
 
 
 class IncompatibleStagesError(ConfigError):
@@ -163,10 +158,9 @@ def run_job(job: ScalingJob) -> dict[str, Any]:
             source = load_registered_model(init_from, uri)
             init_state = transfer(source, cfg.model.resolved()).state_dict()
             cfg = dataclasses.replace(cfg, lr=cfg.lr * job.carried_lr_scale)
-        launch = Launch(workers=job.workers, cpus_per_worker=job.cpus_per_worker, gpus_per_worker=job.gpus_per_worker,
-                        storage=job.storage, tracking_uri=uri, experiment=job.experiment,
+        launch = Launch(**fields_of(WorkerGroup, job), **{**fields_of(Placement, job), "tracking_uri": uri},
                         run_name=f"{preset}-{parent_id[:12]}",  # stable across restarts of this job only
-                        address=job.address, max_failures=job.max_failures, parent_run_id=parent_id,
+                        parent_run_id=parent_id,
                         model_alias=f"stage-{preset}", mlflow_run_id=run.info.run_id if run else None,
                         run_tags={"stage": preset, "stage_index": str(index), "init_from": init_from,
                                   "batch_from": "--batch" if job.batch else "planner"})

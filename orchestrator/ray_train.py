@@ -146,25 +146,41 @@ def put_shards(data: PairDataset, cfg: TrainConfig, workers: int) -> list:
     return [ray.put(part) for part in worker_shards(data, workers, cfg.val_max_samples)]
 
 
-@dataclass
-class Launch:
-    """How and where to run: everything about a training job that is not the model or optimizer."""
+@dataclass(kw_only=True)
+class Placement:
+    """Where a job runs and what it records into: the same for `train`, `tune` and `scale` (the CLI's
+    shared launch flags, `cli._add_launch_flags`)."""
+    address: str | None = None          # Ray cluster to join (default RAY_ADDRESS, else an embedded local Ray)
+    storage: str | None = None          # local folder or URI for Ray's checkpoints (default ./ray_results)
+    tracking_uri: str | None = None     # MLflow; default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "energy-lattice"  # MLflow experiment (and the Ray run's folder for sweeps and jobs)
+    max_failures: int = 2               # restarts Ray may make: of a worker group, or of a trial
+
+
+@dataclass(kw_only=True)
+class WorkerGroup:
+    """The Ray Train workers of one training run (one per GPU with GPUs)."""
     workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    storage: str | None = None          # local folder or URI for Ray's checkpoints (default ./ray_results)
-    tracking_uri: str | None = None     # MLflow; default sqlite:///mlflow.db
-    experiment: str = "energy-lattice"
+
+    def __post_init__(self):
+        check_gpu_share(self.workers, self.gpus_per_worker)
+
+
+def fields_of(base: type, obj: Any) -> dict[str, Any]:
+    """`obj`'s values of the fields `base` declares: a Placement or WorkerGroup handed on as is."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(base)}
+
+
+@dataclass(kw_only=True)
+class Launch(WorkerGroup, Placement):
+    """How and where to run one training job: everything about it that is not the model or optimizer."""
     run_name: str | None = None
-    address: str | None = None
-    max_failures: int = 2
     parent_run_id: str | None = None    # nest the MLflow run under this one (sweeps, scaling jobs)
     model_alias: str | None = None      # registry alias for the registered version
     mlflow_run_id: str | None = None    # log into this existing run (a restarted job) instead of a new one
     run_tags: dict[str, str] | None = None  # extra tags for the MLflow run
-
-    def __post_init__(self):
-        check_gpu_share(self.workers, self.gpus_per_worker)
 
 
 def storage_path(storage: str | None) -> str:

@@ -40,7 +40,7 @@ from .context import TuneContext, best_checkpoint
 from .data import PairDataset, validation_rows
 from .evaluation import baselines
 from .faults import Faults
-from .ray_train import (Launch, WorkerBudget, alive_node_count, build_trainer, check_gpu_share, connect,
+from .ray_train import (Launch, Placement, WorkerBudget, alive_node_count, build_trainer, check_gpu_share, connect,
                         prepare_config, storage_path, with_planned_batch)
 from .plots import parallel_coordinates
 from .search_space import SearchSpace, SpaceError, load_space
@@ -167,8 +167,8 @@ def run_trial(config: dict[str, Any], data: PairDataset, settings: TrialSettings
 # The sweep
 
 @dataclass
-class Sweep:
-    """A sweep request, as the CLI takes it."""
+class Sweep(Placement):
+    """A sweep request, as the CLI takes it; where it runs and records is a `Placement`, as for train and scale."""
     spaces: list[str]
     preset: str = "smoke"
     sets: dict[str, Any] = field(default_factory=dict)  # --set overrides for every trial
@@ -183,12 +183,9 @@ class Sweep:
     gpus_per_trial: float = 0.0
     concurrency: int | None = None
     resume: bool = False
-    experiment: str = "energy-lattice-sweep"
-    storage: str | None = None
-    tracking_uri: str | None = None
-    address: str | None = None
     trial_memory_gb: float | None = None  # default: a worker node's free memory / concurrent trials
-    max_failures: int = 1
+    experiment: str = field(default="energy-lattice-sweep", kw_only=True)
+    max_failures: int = field(default=1, kw_only=True)  # restarts of a multi-worker trial's TorchTrainer
 
     def __post_init__(self):
         check_gpu_share(self.workers_per_trial, self.gpus_per_trial)
