@@ -175,22 +175,18 @@ def cmd_load(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from .config import make_config, parse_sets
+    from .config import parse_sets
     from .console import tool_command
-    from .tracking import browse_lines, experiment_id, resolve_tracking_uri
-    from .tune import Sweep, check_sweep, load_space, run_sweep
-    space = load_space(args.space)  # refuse bad files and values before Ray starts
-    sets = parse_sets(args.set or [])
+    from .tracking import browse_lines, experiment_id
+    from .tune import Sweep, run_sweep
     sweep = Sweep(
-        spaces=args.space, preset=args.preset, sets=sets, num_samples=args.num_samples, max_steps=args.max_steps,
-        search=args.search, scheduler=args.scheduler, metric=args.metric, pbt_interval=args.pbt_interval,
-        seed=args.seed, workers_per_trial=args.workers_per_trial, gpus_per_trial=args.gpus_per_trial,
+        spaces=args.space, preset=args.preset, sets=parse_sets(args.set or []), num_samples=args.num_samples,
+        max_steps=args.max_steps, search=args.search, scheduler=args.scheduler, metric=args.metric,
+        pbt_interval=args.pbt_interval, seed=args.seed, workers_per_trial=args.workers_per_trial,
+        gpus_per_trial=args.gpus_per_trial,
         concurrency=args.concurrency, resume=args.resume, trial_memory_gb=args.trial_memory_gb, **_placement(args))
-    steps = {} if args.max_steps is None else {"max_steps": args.max_steps}
-    check_sweep(sweep, make_config(args.preset, {**sets, **steps}), space)
-    resolve_tracking_uri(args.mlflow_uri)
     setup_logging()
-    summary = run_sweep(sweep)
+    summary = run_sweep(sweep)  # checks the spaces, values and scheduler before Ray starts
     if args.summary_json:
         _write_json(args.summary_json, summary)
     if summary["status"] == "interrupted":

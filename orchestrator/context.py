@@ -236,21 +236,19 @@ class TuneContext(RayContext):
         import ray.tune
         super().__init__(ray.tune.get_context().get_trial_dir(), extra_metrics, faults)
         self.api = ray.tune
+        self.trial_id = ray.tune.get_context().get_trial_id()
         self.baseline_cosine = baseline_cosine
         self.started, self.time_before = time.perf_counter(), 0.0
         self.lineage: list[dict[str, Any]] = []
 
     def resume_state(self):
-        import ray.tune
         resumed = super().resume_state()
         if resumed is not None:
             state, source = resumed
             self.time_before = float(state.get("wall_time_s", 0.0))
-            trial_id = ray.tune.get_context().get_trial_id()
-            saved_by = state.get("trial_id", trial_id)
             self.lineage = list(state.get("lineage", [])) + [{
-                "step": int(state["step"]), "checkpoint": str(source), "trial": trial_id, "saved_by": saved_by,
-                "from_other_trial": saved_by != trial_id}]
+                "step": int(state["step"]), "checkpoint": str(source), "trial": self.trial_id,
+                "saved_by": state.get("trial_id", self.trial_id)}]
         return resumed
 
     def report(self, step, metrics, checkpoint):
@@ -263,8 +261,7 @@ class TuneContext(RayContext):
             self.lineage[-1].setdefault("next_report_step", step)
             extra["resumed_from"] = self.lineage
         if checkpoint is not None:
-            checkpoint = {**checkpoint, "wall_time_s": wall, "lineage": self.lineage,
-                          "trial_id": self.api.get_context().get_trial_id()}
+            checkpoint = {**checkpoint, "wall_time_s": wall, "lineage": self.lineage, "trial_id": self.trial_id}
         return super().report(step, {**metrics, **extra}, checkpoint)
 
 

@@ -102,8 +102,9 @@ def evaluate(model: EnergyLattice, val: Split, *, batch_size: int, device: torch
             # one, the input copied unchanged, which is what a skip path would give for free.
             if out.skip_only is not None:
                 skip_preds.append(out.skip_only.float())
-                add("cosine_skip_only", F.cosine_similarity(out.skip_only.float(), y, dim=-1).sum())
-                add("cosine_shortcut", F.cosine_similarity(out.skip_only.float(), y, dim=-1).sum())
+                skip_cosine = F.cosine_similarity(out.skip_only.float(), y, dim=-1).sum()
+                add("cosine_skip_only", skip_cosine)
+                add("cosine_shortcut", skip_cosine)
             else:
                 add("cosine_shortcut", F.cosine_similarity(x.float(), y.float(), dim=-1).sum())
             upper, lower = out.planes[:, 1], out.planes[:, 0]

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, flatten, make_config, resolved, run_tags
+from .config import TrainConfig, flatten, make_config, run_tags
 from .context import TuneContext, best_checkpoint
 from .data import PairDataset, validation_rows
 from .evaluation import baselines
@@ -96,8 +96,7 @@ class TrialSettings:
 
     @classmethod
     def load(cls, path: Path) -> TrialSettings:
-        saved = json.loads(path.read_text())
-        saved.pop("name", None)  # sweeps saved before the settings were a dataclass
+        saved = json.loads(path.read_text())  # a sweep saved before this dataclass also has "name"
         return cls(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(cls)}})
 
 
@@ -203,11 +202,14 @@ class Sweep(Placement):
 def check_sweep(sweep: Sweep, base: TrainConfig, space: SearchSpace) -> tuple[Any, Any]:
     """Refuse a space the chosen search or scheduler cannot use, before Ray starts; return the
     (scheduler, searcher) Tune is given (None for Tune's defaults)."""
+    searcher = None
     if sweep.search == "optuna":
         grids = [key for key, (dist, _) in space.entries.items() if dist == "grid"]
         if grids:
             raise SpaceError(f"--search optuna samples every value, so it cannot take the grid form "
                              f"({', '.join(grids)}); write {{choice: [...]}} instead")
+        from ray.tune.search.optuna import OptunaSearch
+        searcher = OptunaSearch(seed=sweep.seed)  # TPE; metric and mode come from TuneConfig
     if sweep.scheduler == "asha":
         grace_period, max_t = asha_limits(base, space)
         from ray.tune.schedulers import ASHAScheduler
@@ -217,10 +219,6 @@ def check_sweep(sweep: Sweep, base: TrainConfig, space: SearchSpace) -> tuple[An
         scheduler = pbt_scheduler(base, space, sweep.pbt_interval)
     else:
         scheduler = None
-    searcher = None
-    if sweep.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-        searcher = OptunaSearch(seed=sweep.seed)  # TPE; metric and mode come from TuneConfig
     return scheduler, searcher
 
 
@@ -276,8 +274,8 @@ def pbt_scheduler(cfg: TrainConfig, space: SearchSpace, interval: int | None):
         last_step=cfg.max_steps, time_attr="step", perturbation_interval=interval,
         hyperparam_mutations={"sampled": {key: domains[key] for key in mutable}},
         custom_explore_fn=functools.partial(clip_to_space, bounds={
-            key: (min(args[:2]), max(args[:2])) for key, (dist, args) in mutable.items()
-            if dist in ("uniform", "loguniform", "randint", "quniform")}))
+            key: (args[0], args[1] - 1 if dist == "randint" else args[1])  # randint's upper bound is exclusive
+            for key, (dist, args) in mutable.items() if dist in ("uniform", "loguniform", "randint", "quniform")}))
 
 
 def clip_to_space(config: dict[str, Any], bounds: dict[str, tuple[float, float]]) -> dict[str, Any]:
@@ -319,10 +317,11 @@ def finish_trial(result, settings: TrialSettings, trial_id: str, run_id: str | N
     last = result.metrics or {}
     best = best_checkpoint(_trial_checkpoints(result, settings.workers_per_trial))
     error = "error" if result.error is not None else None
+    cfg, sampled = trial_config(result.config) if result.config else (None, {})
     if run_id is None:  # the trial never got as far as its run
         summary = {"status": error or "stopped", "model_version": None, "checkpoint": None}
     else:
-        run = TrackedRun(settings.tracking_uri, run_id, _trial_tags(settings, trial_id, *trial_config(result.config)))
+        run = TrackedRun(settings.tracking_uri, run_id, _trial_tags(settings, trial_id, cfg, sampled))
         # A trial that did not finish its loop was stopped by the scheduler before max_steps.
         summary = run.close(best, status=error, unfinished="stopped")
     status = summary["status"]
@@ -334,19 +333,16 @@ def finish_trial(result, settings: TrialSettings, trial_id: str, run_id: str | N
         reason = ("ended before its first report" if last.get("step") is None else
                   f"stopped by the scheduler at step {last['step']}; last validation: val_cosine "
                   f"{_fmt_metric(last.get('val_cosine'))}, lattice_gain {_fmt_metric(last.get('lattice_gain'))}")
-    metrics = {key: best_metrics.get(key) for key in TRIAL_METRICS}
-    cfg = resolved(trial_config(result.config)[0]) if result.config else None
+    metrics = {key: best_metrics.get(key) for key in TRIAL_METRICS}  # every one of METRICS among them
     metrics.update(steps=last.get("step"), wall_time_s=last.get("wall_time_s") or last.get("time_total_s"),
                    mean_steps_used=last.get("mean_steps_used") or last.get("val_steps_used"),
-                   max_flow_steps=cfg.model.max_steps if cfg else None,
+                   max_flow_steps=cfg.model.resolved().max_steps if cfg else None,
                    exploits=sum(1 for r in last.get("resumed_from") or [] if r["trial"] == trial_id
-                                and r["from_other_trial"]))
-    if settings.metric not in metrics:
-        metrics[settings.metric] = best_metrics.get(settings.metric)
+                                and r["saved_by"] != trial_id))
     return {"trial_id": trial_id, "status": status, "mlflow_run_id": run_id, "model_version": summary["model_version"],
             "val_cosine": metrics["val_cosine"], "val_top1": metrics["val_top1"], "steps": metrics["steps"],
             "wall_time_s": metrics["wall_time_s"], "reason": reason, "checkpoint": summary["checkpoint"],
-            "params": dict((result.config or {}).get("sampled") or {}), "metrics": metrics,
+            "params": sampled, "metrics": metrics,
             "resumed_from": last.get("resumed_from") or []}
 
 

@@ -310,7 +310,7 @@ def test_a_pbt_exploit_continues_from_the_donors_checkpoint(tmp_path, ray_instan
                               max_steps=20, concurrency=2))
     assert all(t["status"] == "completed" and t["steps"] == 20 for t in summary["trials"]), summary["trials"]
     exploits = [(t, entry) for t in summary["trials"] for entry in t["resumed_from"]
-                if entry["trial"] == t["trial_id"] and entry["from_other_trial"]]
+                if entry["trial"] == t["trial_id"] and entry["saved_by"] != t["trial_id"]]
     assert exploits, "no trial exploited another in 20 steps with an interval of 4"
     for trial, entry in exploits:
         donor_checkpoint = Path(entry["checkpoint"])
