@@ -143,7 +143,7 @@ def with_planned_batch(cfg: TrainConfig, budget: WorkerBudget) -> TrainConfig:
 def put_shards(data: PairDataset, cfg: TrainConfig, workers: int) -> list:
     """Object-store references to each worker's dataset: workers need no shared filesystem."""
     import ray
-    return [ray.put(part) for part in worker_shards(data, workers, cfg.val_max_samples)]
+    return [ray.put(part) for part in worker_shards(data, workers, cfg.val_max_samples, cfg.train_rows)]
 
 
 @dataclass(kw_only=True)
@@ -229,7 +229,7 @@ def prepare_config(cfg: TrainConfig) -> TrainConfig:
     from .data import ensure_corpus
     from .teacher import Teacher
     if cfg.data_path is None:  # build the corpus once here, not in every worker
-        cfg = dataclasses.replace(cfg, data_path=str(ensure_corpus(teacher=Teacher(cfg.teacher))))
+        cfg = dataclasses.replace(cfg, data_path=str(ensure_corpus(teacher=Teacher(cfg.teacher), corpus=cfg.corpus)))
     return resolved(dataclasses.replace(cfg, data_path=str(Path(cfg.data_path).resolve())))
 
 

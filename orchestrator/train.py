@@ -35,7 +35,7 @@ from model.config import flatten
 from .checkpoint import check_compatible
 from .config import ConfigError, TrainConfig, config_from_dict, resolved, run_tags
 from .context import LocalContext, RunContext, Tracker, all_gather, step_check
-from .data import PairDataset, Split, ensure_corpus, load_dataset, shard, validation_rows
+from .data import PairDataset, Split, ensure_corpus, load_dataset, shard, training_rows, validation_rows
 from .evaluation import Decoded, baselines, evaluate, example_rows, finish_metrics, text_metrics
 from .faults import Faults
 from .memory import keep_freed_memory, peak_memory_bytes, reset_peak_memory, use_expandable_segments
@@ -166,25 +166,29 @@ def _maybe_crash(faults: Faults, step: int, ctx: RunContext) -> None:
 
 
 def load_data(cfg: TrainConfig) -> PairDataset:
-    """The run's dataset: the configured file, or the stdlib corpus (built and embedded on first use).
+    """The run's dataset: the configured file, or the configured corpus (built and embedded on first
+    use). All its training rows: a run takes its `train_rows` in `worker_shards`.
 
     The teacher loads lazily, so it costs nothing when the file already carries its embeddings.
     """
     from .teacher import Teacher
     teacher = Teacher(cfg.teacher)
-    path = Path(cfg.data_path) if cfg.data_path else ensure_corpus(teacher=teacher)
+    path = Path(cfg.data_path) if cfg.data_path else ensure_corpus(teacher=teacher, corpus=cfg.corpus)
     return load_dataset(path, teacher=teacher, embed_dim=cfg.model.embed_dim, val_fraction=cfg.val_fraction,
                         max_rows=cfg.max_rows)
 
 
-def worker_shards(data: PairDataset, world_size: int, val_max_samples: int) -> list[PairDataset]:
-    """One dataset per rank: its share of the training rows, the validation rows, and the baselines
-    computed once on the full training split (so every rank and every run compares the same way).
-    Baselines the dataset already carries for these validation rows (a sweep's driver computes them
+def worker_shards(data: PairDataset, world_size: int, val_max_samples: int,
+                  train_rows: int | None = None) -> list[PairDataset]:
+    """One dataset per rank: its share of the (first `train_rows`) training rows, the validation rows,
+    and the baselines computed once on those training rows (so every rank and every run compares the
+    same way). Baselines the dataset already carries for these rows (a sweep's driver computes them
     once for all its trials) are reused."""
+    data = training_rows(data, train_rows)
     val = validation_rows(data, val_max_samples)
-    base = data.baselines if data.baselines and data.baselines.get("baseline_val_rows") == len(val) \
-        else baselines(data.train, val)
+    carried = data.baselines or {}
+    same_rows = (carried.get("baseline_val_rows"), carried.get("baseline_train_rows")) == (len(val), len(data.train))
+    base = carried if same_rows else baselines(data.train, val)
     return [dataclasses.replace(data, train=shard(data.train, rank, world_size), baselines=base)
             for rank in range(world_size)]
 
@@ -293,7 +297,7 @@ def _setup(config: TrainConfig | dict[str, Any], ctx: RunContext | None, tracker
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
     if data is None:
-        data = load_data(cfg)
+        data = training_rows(load_data(cfg), cfg.train_rows)
         train_rows = shard(data.train, ctx.rank, ctx.world_size)
     else:  # a launcher sharded it already
         train_rows = data.train
