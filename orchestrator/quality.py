@@ -81,7 +81,10 @@ def run_quality_bench(cfg: TrainConfig, data: PairDataset | None = None) -> dict
     for name, key in BASELINE_ROWS:
         rows.append({"predictor": name, "cosine": base[f"baseline_{key}_cosine"],
                      "top1": base[f"baseline_{key}_top1"], "bleu": base[f"baseline_{key}_bleu"]})
+    from .bench import machine_info
+    from .code_version import code_version_tags
     return {
+        "machine": machine_info(device), "code": code_version_tags(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "preset": cfg.preset, "steps": summary["steps"], "status": summary["status"],
         "batch_size": cfg.batch_size, "precision": cfg.model.precision, "device": str(device),
         "train_rows": len(data.train), "val_rows": len(val),
