@@ -415,11 +415,10 @@ def cmd_gpu_check(args) -> int:
     if args.data is not None and not Path(args.data).exists():
         raise DatasetError(f"dataset {args.data} does not exist")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
-    result = run_gpu_check(args.device, quick=args.quick, data_path=args.data, parts=parts,
+    result = run_gpu_check(args.device, quick=args.quick, data_path=args.data, parts=parts, json_path=args.json,
                            progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(format_table(result))
-    if args.json:
-        _write_json(args.json, result)
+    if args.json:  # written after every part, so a check stopped from outside keeps what it found
         print(f"wrote {args.json}")
     return 0 if result["passed"] else 1
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-import sacrebleu
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -46,6 +45,7 @@ def decode(pred: Tensor, target: Tensor, bank: Tensor) -> Decoded:
 
 
 def text_metrics(decoded_texts: list[str], val: Split) -> dict[str, float]:
+    import sacrebleu  # here, where BLEU is computed: commands that never decode do not need it installed
     targets = val.target_texts[:len(decoded_texts)]
     top1 = float(np.mean([d == t for d, t in zip(decoded_texts, targets)])) if targets else 0.0
     bleu = sacrebleu.corpus_bleu(decoded_texts, [targets]).score if targets else 0.0
