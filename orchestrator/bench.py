@@ -408,12 +408,12 @@ def compare_bench(ref: str, presets: list[str], *, batch: int | None = None, dev
     this checkout's timing code (bench_step.TrainStep) on the same rows, seed and device.
     With `profile`, each side is also profiled (TrainStep.profile) before the timed steps."""
     dev = choose_device(device, torch.cuda.is_available(), "torch sees no CUDA device here")
-    data = data or _default_data()
     TIMES = ("forward_s", "train_step_s", "forward_cpu_s", "train_step_cpu_s")
     result: dict[str, Any] = {"machine": machine_info(dev), "repeats": repeats, "order": "A B, B A, ...",
                               "presets": {}}
     with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp:
-        commit = export_model(ref, Path(tmp) / "ref")
+        commit = export_model(ref, Path(tmp) / "ref")  # first: a wrong REF stops before anything slow
+        data = data or _default_data()
         result["ref"] = {"name": ref, "commit": commit, "label": f"{ref} ({commit[:10]})"}
         result["tree"] = {"label": f"working tree ({working_tree_label()})"}
         workers = {"ref": _Worker(Path(tmp) / "ref", result["ref"]["label"]),

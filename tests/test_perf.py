@@ -133,3 +133,56 @@ def test_bench_writes_every_figure(tmp_path, corpus_path):
             figures[key] is None and figures["mfu_unknown_why"]), (key, figures[key])
     assert figures["forward_s"] < figures["train_step_s"] and 0 < figures["steps_used_ratio"] <= 1
     assert data["machine"]["cpu_count"] >= 1
+
+
+def _git(*args):
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, check=True).stdout
+
+
+def test_export_model_writes_that_commits_model_package(tmp_path):
+    from orchestrator.bench import export_model
+    commit = export_model("HEAD", tmp_path)
+    assert commit == _git("rev-parse", "HEAD").decode().strip()
+    for name in ("flow.py", "lattice.py", "config.py"):
+        assert (tmp_path / "model" / name).read_bytes() == _git("show", f"HEAD:model/{name}")
+    assert not (tmp_path / "orchestrator").exists()  # only model/: the workers time its code, not a copy of ours
+
+
+def test_bench_compare_times_both_sides_in_turns_and_prints_their_ratios(tmp_path, corpus_path):
+    out = tmp_path / "compare.json"
+    result = cli("bench", "--compare", "HEAD", "--preset", "smoke", "--batch", "2", "--repeats", "3",
+                 "--threads", "1", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["ref"]["commit"] == _git("rev-parse", "HEAD").decode().strip()
+    figures = data["presets"]["smoke"]
+    for side in ("ref", "tree"):
+        runs = figures[side]["runs"]
+        assert len(runs) == 3 and all(0 < r["forward_s"] < r["train_step_s"] for r in runs), runs
+        assert figures[side]["flow_steps"] >= 2 * 64 and figures[side]["train_step_cpu_s"] > 0
+    for key in ("forward", "train_step", "forward_cpu", "train_step_cpu"):
+        assert figures[f"{key}_ratio"] == pytest.approx(figures["tree"][f"{key}_s"] / figures["ref"][f"{key}_s"])
+    assert data["machine"]["torch_threads"] == 1
+    header, row = result.stdout.splitlines()[1:3]
+    assert header.split()[:4] == ["preset", "batch", "forward", "A"] and "B/A" in header
+    assert row.split()[:2] == ["smoke", "2"] and len(row.split()) == 12
+
+
+def test_bench_compare_refuses_what_is_no_commit_in_one_line():
+    refused = cli("bench", "--compare", "no-such-commit-here", "--preset", "smoke", timeout=120)
+    assert refused.returncode == 2
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --compare 'no-such-commit-here' is not a commit"), lines
+
+
+def test_bench_profile_lists_the_top_operators(tmp_path, corpus_path):
+    out = tmp_path / "profile.json"
+    result = cli("bench", "--profile", "--preset", "smoke", "--batch", "2", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(out.read_text())["presets"]["smoke"]
+    names, ms = [row["name"] for row in figures["cpu"]], [row["ms"] for row in figures["cpu"]]
+    assert 0 < len(names) <= 20 and any(n in names for n in ("aten::addmm", "aten::mm"))
+    assert ms == sorted(ms, reverse=True) and ms[-1] > 0
+    assert set(figures["phases_ms"]) == {"forward", "loss", "backward", "optimizer"}
+    assert figures["device"] is None  # CUDA kernels only where the step ran on a GPU
+    assert "self CPU ms" in result.stdout and "aten::" in result.stdout
