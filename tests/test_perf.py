@@ -162,10 +162,15 @@ def test_bench_compare_times_both_sides_in_turns_and_prints_their_ratios(tmp_pat
         assert figures[side]["flow_steps"] >= 2 * 64 and figures[side]["train_step_cpu_s"] > 0
     for key in ("forward", "train_step", "forward_cpu", "train_step_cpu"):
         assert figures[f"{key}_ratio"] == pytest.approx(figures["tree"][f"{key}_s"] / figures["ref"][f"{key}_s"])
+        best = [min(r[f"{key}_s"] for r in figures[side]["runs"]) for side in ("ref", "tree")]
+        assert figures[f"{key}_best_ratio"] == pytest.approx(best[1] / best[0])
     assert data["machine"]["torch_threads"] == 1
-    header, row = result.stdout.splitlines()[1:3]
-    assert header.split()[:4] == ["preset", "batch", "forward", "A"] and "B/A" in header
-    assert row.split()[:2] == ["smoke", "2"] and len(row.split()) == 12
+    lines = result.stdout.splitlines()
+    assert lines[1].split()[:6] == ["preset", "batch", "seconds", "A", "B", "B/A"]
+    rows = {" ".join(line.split()[2:-6]): line.split()[-6:] for line in lines[2:6]}
+    assert set(rows) == {"forward", "train step", "forward CPU", "train step CPU"}
+    assert all(float(value) > 0 for values in rows.values() for value in values)
+    assert lines[6].split()[:3] == ["smoke", "2", "flow"]
 
 
 def test_bench_compare_refuses_what_is_no_commit_in_one_line():
