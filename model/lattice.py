@@ -78,10 +78,10 @@ class StepGRU(nn.Module):
 
     Why not nn.GRU: on CPU it runs the gate math as many unfused kernels and its autograd graph
     slices the gate tensors, which in backward zero-fills a full (N, 3Hc) tensor per slice. Here each
-    layer is two matmuls and four elementwise kernels, and the gates are taken apart with split/unbind,
-    whose backward is one concatenation. The flow step is where all the compute is: every (N, Hc)
-    kernel saved here is saved L times per flow step, and at small batches (and on a GPU) the count
-    of kernels, not their FLOPs, is what a step costs.
+    layer is three matmuls (input; state r/z accumulated onto it; state n) and five elementwise
+    kernels, and the gates are taken apart with split/unbind, whose backward is one concatenation.
+    The flow step is where all the compute is: every (N, Hc) kernel saved here is saved L times per
+    flow step, and at small batches (and on a GPU) the count of kernels weighs as much as FLOPs.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int):
@@ -105,12 +105,16 @@ class StepGRU(nn.Module):
         for layer, h in enumerate(hidden.unbind(0)):
             w_ih, w_hh = getattr(self, f"weight_ih_l{layer}"), getattr(self, f"weight_hh_l{layer}")
             b_ih, b_hh = getattr(self, f"bias_ih_l{layer}"), getattr(self, f"bias_hh_l{layer}")
-            x_rz, x_n = torch.addmm(b_ih, x, w_ih.t()).split([2 * hc, hc], dim=1)
+            (w_hrz, w_hn), (b_hrz, b_hn) = w_hh.split([2 * hc, hc]), b_hh.split([2 * hc, hc])
+            # The state's r and z terms are accumulated onto the input's by the matmul itself
+            # (addmm's beta = 1), with both r/z biases in the input's bias: no (N, 2Hc) add, and one
+            # bias broadcast fewer (addmm copies its bias into the output before multiplying).
+            b_x = torch.cat([b_ih[:2 * hc] + b_hrz, b_ih[2 * hc:]])
+            x_rz, x_n = torch.addmm(b_x, x, w_ih.t()).split([2 * hc, hc], dim=1)
             # The state's n-gate gets its own matmul: backward keeps h_n, and a view of one (N, 3Hc)
             # result would keep all of it alive until then.
-            (w_hrz, w_hn), (b_hrz, b_hn) = w_hh.split([2 * hc, hc]), b_hh.split([2 * hc, hc])
-            h_rz, h_n = torch.addmm(b_hrz, h, w_hrz.t()), torch.addmm(b_hn, h, w_hn.t())
-            r, z = torch.sigmoid(x_rz + h_rz).chunk(2, dim=1)
+            h_n = torch.addmm(b_hn, h, w_hn.t())
+            r, z = torch.sigmoid(torch.addmm(x_rz, h, w_hrz.t())).chunk(2, dim=1)
             # x_n + r * h_n as two kernels, not addcmul: addcmul's backward multiplies both of
             # its gradients by its scalar `value` too, two more (N, Hc) kernels per layer.
             n = torch.tanh(x_n + r * h_n)
