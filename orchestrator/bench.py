@@ -398,17 +398,38 @@ class _Worker:
                 self.process.wait()
 
 
+COMPARED = (("forward_s", "forward"), ("train_step_s", "train step"),
+            ("forward_cpu_s", "forward CPU"), ("train_step_cpu_s", "train step CPU"))
+
+
+def _compared(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Both sides' medians, and per measure B/A three ways: the ratio of the medians, the median of
+    the ratios turn by turn (each B step against the A step next to it in time, so a load that
+    changes over the run cancels), and in how many turns B was the faster."""
+    figures: dict[str, Any] = {side: {key: statistics.median(run[key] for run in side_runs)
+                                      for key in (*(k for k, _ in COMPARED), "flow_steps", "steps_used")}
+                               for side, side_runs in runs.items()}
+    for side, side_runs in runs.items():
+        figures[side]["runs"] = side_runs
+    for key, _ in COMPARED:
+        turns = [b[key] / a[key] for a, b in zip(runs["ref"], runs["tree"])]
+        name = key.removesuffix("_s")
+        figures[f"{name}_ratio"] = figures["tree"][key] / figures["ref"][key]
+        figures[f"{name}_turn_ratio"] = statistics.median(turns)
+        figures[f"{name}_tree_faster"] = sum(ratio < 1 for ratio in turns)
+    return figures
+
+
 def compare_bench(ref: str, presets: list[str], *, batch: int | None = None, device: str = "auto",
                   repeats: int = 3, overrides: dict[str, Any] | None = None, data: PairDataset | None = None,
                   profile: bool = False, log=print) -> dict[str, Any]:
     """Time the training step of every preset on commit `ref`'s model (A) and on this working tree's
     (B), each in its own worker process, taking turns step by step: A B, B A, A B, ... The machine's
     load changes from second to second; alternating puts both sides under the same load, so the
-    ratio B/A of their medians means something where their seconds alone do not. Both workers run
-    this checkout's timing code (bench_step.TrainStep) on the same rows, seed and device.
+    ratios B/A (see _compared) mean something where their seconds alone do not. Both workers run
+    this checkout's timing code (bench_step.TrainStep) on the same rows, seed, device and threads.
     With `profile`, each side is also profiled (TrainStep.profile) before the timed steps."""
     dev = choose_device(device, torch.cuda.is_available(), "torch sees no CUDA device here")
-    TIMES = [key for key, _ in COMPARED]
     result: dict[str, Any] = {"machine": machine_info(dev), "repeats": repeats, "order": "A B, B A, ...",
                               "presets": {}}
     with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp:
@@ -436,14 +457,7 @@ def compare_bench(ref: str, presets: list[str], *, batch: int | None = None, dev
                 for r in range(repeats):
                     for side in ("ref", "tree") if r % 2 == 0 else ("tree", "ref"):
                         runs[side].append(workers[side].ask("step"))
-                for side, side_runs in runs.items():
-                    figures[side] = {key: statistics.median(run[key] for run in side_runs)
-                                     for key in (*TIMES, "flow_steps", "steps_used")}
-                    figures[side].update({_best(key): min(run[key] for run in side_runs) for key in TIMES})
-                    figures[side]["runs"] = side_runs
-                for key in TIMES:
-                    figures[key.removesuffix("_s") + "_ratio"] = figures["tree"][key] / figures["ref"][key]
-                    figures[_best(key).removesuffix("_s") + "_ratio"] = figures["tree"][_best(key)] / figures["ref"][_best(key)]
+                figures.update(_compared(runs))
                 result["presets"][name] = figures
         finally:
             for worker in workers.values():
@@ -452,33 +466,25 @@ def compare_bench(ref: str, presets: list[str], *, batch: int | None = None, dev
     return result
 
 
-COMPARED = (("forward_s", "forward"), ("train_step_s", "train step"),
-            ("forward_cpu_s", "forward CPU"), ("train_step_cpu_s", "train step CPU"))
-
-
-def _best(key: str) -> str:
-    return key.removesuffix("_s") + "_best_s"  # train_step_s -> train_step_best_s
-
-
 def format_compare(result: dict[str, Any]) -> str:
     """The comparison as a table: per preset and measure (wall and CPU seconds of the forward pass
-    and the training step) the median and the best of each side, and B/A of both; then the
-    profiles if taken. A neighbour's load only ever adds time, so where the medians disagree with
-    the best the load was uneven, and more repeats are needed."""
+    and the training step) each side's median, B/A of the medians and turn by turn, and how often
+    B was faster; then the profiles if taken. Where the two ratios disagree, or B wins about half
+    the turns, the difference is within the machine's noise: more repeats, or `--threads 1`."""
     m = result["machine"]
     lines = [f"A = {result['ref']['label']}, B = {result['tree']['label']}; {m['cpu']}, "
              f"{m.get('gpu') or 'CPU'}, torch {m['torch']}, {m['torch_threads']} threads; "
-             f"{result['repeats']} training steps each, taken in turns ({result['order']}): median, and best"]
-    header = ["preset", "batch", "seconds", "A", "B", "B/A", "best A", "best B", "B/A best"]
+             f"{result['repeats']} training steps each, taken in turns ({result['order']})"]
+    header = ["preset", "batch", "seconds", "A", "B", "B/A", "B/A turn by turn", "B faster"]
     rows = []
     for name, f in result["presets"].items():
         for key, label in COMPARED:
-            best = _best(key)
+            ratio = key.removesuffix("_s")
             rows.append([name, str(f["batch"]), label, f"{f['ref'][key]:.3f}", f"{f['tree'][key]:.3f}",
-                         f"{f[key.removesuffix('_s') + '_ratio']:.3f}", f"{f['ref'][best]:.3f}",
-                         f"{f['tree'][best]:.3f}", f"{f[best.removesuffix('_s') + '_ratio']:.3f}"])
+                         f"{f[ratio + '_ratio']:.3f}", f"{f[ratio + '_turn_ratio']:.3f}",
+                         f"{f[ratio + '_tree_faster']}/{result['repeats']}"])
         rows.append([name, str(f["batch"]), "flow steps", f"{f['ref']['flow_steps']:.0f}",
-                     f"{f['tree']['flow_steps']:.0f}", "", "", "", ""])
+                     f"{f['tree']['flow_steps']:.0f}", "", "", ""])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     lines.append("  ".join(h.rjust(w) for h, w in zip(header, widths)))
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
