@@ -81,32 +81,33 @@ def _move(pos: Tensor, move: Tensor, reflect: bool) -> Tensor:
     return torch.cat([xy, z], dim=1).clamp(-1, 1)  # z at +-1 means arrived
 
 
-def _splat(sample: Tensor, plane: Tensor, xy: Tensor, value: Tensor, height: int, width: int):
-    """Bilinear splat of `value` at continuous (x, y) in [-1, 1]: (flat indices, weighted values).
+def _splat(sample: Tensor, xy: Tensor, values: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """Bilinear splat of per-flow values (N, P) at continuous (x, y) in [-1, 1], channel p onto
+    plane p: (flat indices, weighted values), both (4 N P,), addressing a flat (B, P, H, W) tensor.
 
-    Indices address a flat (B, 2, H, W) tensor; the weights are differentiable in x and y.
+    One index per corner and channel, so every plane of every deposit goes into a single index_add;
+    the weights are differentiable in x and y.
     """
+    planes = values.shape[1]
     gx = (xy[:, 0] + 1) * (0.5 * (width - 1))
     gy = (xy[:, 1] + 1) * (0.5 * (height - 1))
     x0 = gx.detach().floor().clamp(0, width - 2)
     y0 = gy.detach().floor().clamp(0, height - 2)
-    fx, fy = gx - x0, gy - y0
-    base = ((sample * 2 + plane) * height + y0.long()) * width + x0.long()
+    fx, fy = (gx - x0)[:, None], (gy - y0)[:, None]
+    corner = (sample * (planes * height) + y0.long()) * width + x0.long()  # plane 0's (y0, x0)
+    base = corner[:, None] + torch.arange(planes, device=sample.device) * (height * width)
     index = torch.cat([base, base + 1, base + width, base + width + 1])
-    v = value.reshape(-1)
-    weighted = torch.cat([v * (1 - fx) * (1 - fy), v * fx * (1 - fy), v * (1 - fx) * fy, v * fx * fy])
-    return index, weighted
+    weighted = torch.cat([values * (1 - fx) * (1 - fy), values * fx * (1 - fy), values * (1 - fx) * fy,
+                          values * fx * fy])
+    return index.reshape(-1), weighted.reshape(-1)
 
 
-def _deposit(sample: Tensor, xy: Tensor, upper: Tensor, energy: Tensor, split: Tensor | None,
-             height: int, width: int) -> tuple[Tensor, Tensor]:
-    """Splat each flow's energy onto the planes: shared by `split` (the share for plane 1, z = +1)
-    when there is one, else all of it onto its own side's plane (`upper`: plane 1)."""
-    if split is None:
-        return _splat(sample, upper.long(), xy, energy, height, width)
-    upper, upper_value = _splat(sample, torch.ones_like(sample), xy, energy * split, height, width)
-    lower, lower_value = _splat(sample, torch.zeros_like(sample), xy, energy * (1 - split), height, width)
-    return torch.cat([upper, lower]), torch.cat([upper_value, lower_value])
+def _plane_values(energy: Tensor, split: Tensor | None, upper: Tensor) -> Tensor:
+    """(N, 2): what each flow deposits on plane 0 (z = -1) and plane 1 (z = +1). Its energy is
+    shared by `split` (the share for plane 1) when there is one, else all of it goes to its own
+    side's plane (`upper`: plane 1), which is the same as a split of exactly 0 or 1."""
+    share = split if split is not None else upper.to(energy.dtype)[:, None]
+    return energy * torch.cat([1 - share, share], dim=1)
 
 
 def _positions_of(mask: Tensor, count: int) -> Tensor:
@@ -124,6 +125,7 @@ def run_flows(energy_grid: Tensor, step_fn: StepFn, cfg: ModelConfig, *, hidden_
     B, H, W = energy_grid.shape
     dev = energy_grid.device
     S, N = H * W, B * H * W
+    P = 2  # planes the deposits fill (z = -1, z = +1): the columns of _plane_values
     # Filled on the device: torch.tensor(..., device=cuda) copies from host memory, a host sync.
     limits = torch.stack([torch.full((), limit, device=dev) for limit in cfg.step_limits()])
 
@@ -181,8 +183,8 @@ def run_flows(energy_grid: Tensor, step_fn: StepFn, cfg: ModelConfig, *, hidden_
 
         if n_arrived:
             at = _positions_of(arrived, n_arrived)
-            index, value = _deposit(sample[at], new_pos[at, :2], z[at] > 0, energy_new[at],
-                                    None if split is None else split[at], H, W)
+            values = _plane_values(energy_new[at], None if split is None else split[at], z[at] > 0)
+            index, value = _splat(sample[at], new_pos[at, :2], values, H, W)
             deposit_index.append(index)
             deposit_value.append(value)
             if tr is not None:
@@ -239,15 +241,15 @@ def run_flows(energy_grid: Tensor, step_fn: StepFn, cfg: ModelConfig, *, hidden_
     path_sum = path_sum + path.sum()
     remaining_distance = (1 - pos[:, 2].abs()).clamp(min=0).sum() / created_total
     if pos.shape[0]:
-        index, value = _deposit(sample, pos[:, :2], pos[:, 2] >= 0, energy, split, H, W)
+        index, value = _splat(sample, pos[:, :2], _plane_values(energy, split, pos[:, 2] >= 0), H, W)
         deposit_index.append(index)
         deposit_value.append(value)
         if tr is not None:
             tr.deposited_ids.append(flow_id)
             tr.deposited_energy.append(energy.detach().reshape(-1))
 
-    planes = torch.zeros(B * 2 * H * W, device=dev).index_add(
-        0, torch.cat(deposit_index), torch.cat(deposit_value)).view(B, 2, H, W)
+    planes = torch.zeros(B * P * H * W, device=dev).index_add(
+        0, torch.cat(deposit_index), torch.cat(deposit_value)).view(B, P, H, W)
     stats = FlowStats(
         steps_used=len(curve), stop_reason=stop_reason, completion=curve[-1] if curve else 0.0,
         completion_curve=curve, active_per_step=active[:len(curve)], created=created,

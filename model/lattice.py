@@ -78,8 +78,10 @@ class StepGRU(nn.Module):
 
     Why not nn.GRU: on CPU it runs the gate math as many unfused kernels and its autograd graph
     slices the gate tensors, which in backward zero-fills a full (N, 3Hc) tensor per slice. Here each
-    layer is two matmuls and four elementwise kernels, and the gates are taken apart with split/unbind,
-    whose backward is one concatenation. The flow step is where all the compute is.
+    layer is three matmuls (input; state r/z accumulated onto it; state n) and five elementwise
+    kernels, and the gates are taken apart with split/unbind, whose backward is one concatenation.
+    The flow step is where all the compute is: every (N, Hc) kernel saved here is saved L times per
+    flow step, and at small batches (and on a GPU) the count of kernels weighs as much as FLOPs.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int):
@@ -95,21 +97,30 @@ class StepGRU(nn.Module):
         for p in self.parameters():  # nn.GRU's init, in nn.GRU's order
             nn.init.uniform_(p, -bound, bound)
 
-    def forward(self, x: Tensor, hidden: Tensor) -> Tensor:
+    def forward(self, x: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """(new state (L, N, Hc), its top layer (N, Hc)). The top layer is also returned apart, so
+        that what reads it (the carrier's heads) does not take it out of the stacked state: that
+        select's backward would zero-fill and add a whole (L, N, Hc) gradient every step."""
         hc, layers = self.hidden_size, []
         for layer, h in enumerate(hidden.unbind(0)):
             w_ih, w_hh = getattr(self, f"weight_ih_l{layer}"), getattr(self, f"weight_hh_l{layer}")
             b_ih, b_hh = getattr(self, f"bias_ih_l{layer}"), getattr(self, f"bias_hh_l{layer}")
-            x_rz, x_n = torch.addmm(b_ih, x, w_ih.t()).split([2 * hc, hc], dim=1)
+            (w_hrz, w_hn), (b_hrz, b_hn) = w_hh.split([2 * hc, hc]), b_hh.split([2 * hc, hc])
+            # The state's r and z terms are accumulated onto the input's by the matmul itself
+            # (addmm's beta = 1), with both r/z biases in the input's bias: no (N, 2Hc) add, and one
+            # bias broadcast fewer (addmm copies its bias into the output before multiplying).
+            b_x = torch.cat([b_ih[:2 * hc] + b_hrz, b_ih[2 * hc:]])
+            x_rz, x_n = torch.addmm(b_x, x, w_ih.t()).split([2 * hc, hc], dim=1)
             # The state's n-gate gets its own matmul: backward keeps h_n, and a view of one (N, 3Hc)
             # result would keep all of it alive until then.
-            (w_hrz, w_hn), (b_hrz, b_hn) = w_hh.split([2 * hc, hc]), b_hh.split([2 * hc, hc])
-            h_rz, h_n = torch.addmm(b_hrz, h, w_hrz.t()), torch.addmm(b_hn, h, w_hn.t())
-            r, z = torch.sigmoid(x_rz + h_rz).chunk(2, dim=1)
-            n = torch.tanh(torch.addcmul(x_n, r, h_n))
+            h_n = torch.addmm(b_hn, h, w_hn.t())
+            r, z = torch.sigmoid(torch.addmm(x_rz, h, w_hrz.t())).chunk(2, dim=1)
+            # x_n + r * h_n as two kernels, not addcmul: addcmul's backward multiplies both of
+            # its gradients by its scalar `value` too, two more (N, Hc) kernels per layer.
+            n = torch.tanh(x_n + r * h_n)
             x = torch.lerp(n, h.to(n.dtype), z)  # n + z * (h - n); autocast may have lowered n
             layers.append(x)
-        return torch.stack(layers)
+        return torch.stack(layers), x
 
 
 class EnergyCarrier(nn.Module):
@@ -144,22 +155,29 @@ class EnergyCarrier(nn.Module):
     def forward(self, features: Tensor, energy: Tensor, hidden: Tensor
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         x = torch.cat([features, energy.to(features.dtype)], dim=1)
-        hidden = self.gru(x, hidden.to(x.dtype))
-        h = hidden[-1]
-        head = torch.tanh(self.energy_head(h)).float()
+        hidden, h = self.gru(x, hidden.to(x.dtype))
+        # All heads as one matmul over their stacked weights (their parameters stay apart, so
+        # checkpoints keep their names): one (N, Hc) x (Hc, 4-6) product instead of one per head,
+        # and in backward one gradient for h instead of one per head, added up.
+        heads = [head for head in (self.energy_head, self.move_head, self.gate_head, self.split_head)
+                 if head is not None]
+        out = F.linear(h, torch.cat([head.weight for head in heads]), torch.cat([head.bias for head in heads]))
+        bounded, *logits = out.split([4] + [1] * (len(heads) - 2), dim=1)  # split's backward: one cat
+        energy_out, move = torch.tanh(bounded).split([1, 3], dim=1)
+        head = energy_out.float()
         if self.energy_update == "residual":
             new_energy = energy + head
         elif self.energy_update == "gated":
-            new_energy = torch.lerp(energy, head, torch.sigmoid(self.gate_head(h)).float())
+            new_energy = torch.lerp(energy, head, torch.sigmoid(logits.pop(0)).float())
         else:
             new_energy = head
         split = None
         if self.split_head is not None:
-            logit = self.split_head(h).float()
+            logit = logits.pop(0).float()
             if self.split_energy_gain is not None:
                 logit = logit + self.split_energy_gain * new_energy
             split = torch.sigmoid(logit)
-        return hidden, new_energy, torch.tanh(self.move_head(h)), split
+        return hidden, new_energy, move, split
 
 
 class Collector(nn.Module):

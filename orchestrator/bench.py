@@ -12,21 +12,35 @@ step, see model/lattice.py) times the active flows of every step, which the flow
 in FlowStats.active_per_step. A training step counts three times the forward FLOPs (backward
 takes a gradient for both operands of every matmul); checkpointing's recomputation is not counted,
 so checkpointed presets show it as lower MFU.
+
+`--profile`: torch.profiler over two training steps per preset, the operators with the most self CPU
+time (and on a GPU the kernels with the most device time). `--compare REF`: the same training step
+timed on commit REF's model and on this working tree's, in two worker processes taking turns step
+by step, with the ratio of their medians: on a shared, noisy machine the ratio is the figure that
+means something. Both run bench_step.TrainStep, which this module's own timings use too.
 """
 from __future__ import annotations
 
+import io
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from model import EnergyLattice, flow_step_flops, lattice_loss, preset
+from model import flow_step_flops, preset
 
+from .bench_step import TrainStep, format_profile, sync
 from .context import choose_device
 from .data import PairDataset, validation_rows
 from .evaluation import decode, text_metrics
@@ -39,11 +53,7 @@ DEFAULT_BATCH = {"smoke": 16, "debug": 16, "experiment": 8, "scale-50": 4, "scal
 DECODE_ROWS = 256  # validation rows a decoding pass covers (TrainConfig.val_max_samples' default)
 # The dtype a step's matmuls run in under each ModelConfig.precision (autocast's dtype).
 STEP_DTYPES = {"fp32": torch.float32, "bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+PROFILE_STEPS, PROFILE_TOP = 2, 20  # training steps a profile covers; operators it lists
 
 
 @dataclass(frozen=True)
@@ -73,10 +83,10 @@ def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, *, max
     warmup_s = (1.0 if cuda else 0.5) if warmup_s is None else warmup_s
 
     def timed(a: torch.Tensor, b: torch.Tensor) -> tuple[float, torch.Tensor]:
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         product = torch.matmul(a, b)
-        _sync(device)
+        sync(device)
         return time.perf_counter() - start, product
 
     n = size or min(256, max_size)
@@ -108,7 +118,7 @@ def decode_pass_seconds(data: PairDataset, device: torch.device | str = "cpu", r
     pred, target = torch.from_numpy(val.input_emb).to(device), torch.from_numpy(val.target_emb).to(device)
     times = []
     for _ in range(repeats + 1):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         text_metrics(decode(pred, target, bank).texts(val), val)
         times.append(time.perf_counter() - start)
@@ -131,41 +141,35 @@ def _own_cpu_seconds() -> float:
     return t.user + t.system
 
 
+def bench_batch(data: PairDataset, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (inputs, targets) every bench of `batch` rows runs on: the first training rows, repeated
+    if there are fewer."""
+    rows = (torch.arange(batch) % len(data.train)).numpy()
+    return torch.from_numpy(data.train.input_emb[rows]), torch.from_numpy(data.train.target_emb[rows])
+
+
+def _default_data() -> PairDataset:
+    from .config import make_config
+    from .train import load_data
+    return load_data(make_config("debug"))
+
+
 def bench_preset(name: str, batch: int, device: torch.device, data: PairDataset, *, repeats: int = 3,
                  overrides: dict[str, Any] | None = None, seed: int = 0,
                  peak: MatmulPeak | None = None, peak_max_size: int | None = None) -> dict[str, Any]:
     """Every figure for one preset at one batch size (see the module docstring).
 
     `peak`: the matmul peak of this preset's step dtype, if already measured in this process."""
-    cfg = preset(name, **(overrides or {}))
-    torch.manual_seed(seed)
-    model = EnergyLattice(cfg).to(device).train()
-    # lr 0: every repeat runs on the same weights, so it times the same work (AdamW still computes).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
-    rows = torch.arange(batch) % len(data.train)
-    inputs = torch.from_numpy(data.train.input_emb[rows.numpy()]).to(device)
-    targets = torch.from_numpy(data.train.target_emb[rows.numpy()]).to(device)
+    step = TrainStep.build(name, *bench_batch(data, batch), device, overrides=overrides, seed=seed)
+    model = step.model
     step_dtype = STEP_DTYPES[model.cfg.precision]
     if peak is None or peak.dtype != str(step_dtype).removeprefix("torch."):
         peak = matmul_peak(device, step_dtype, max_size=peak_max_size)
     per_flow = flow_step_flops(model.cfg)
 
     def train_step() -> dict[str, Any]:
-        torch.manual_seed(seed + 1)  # the same flow noise every time
-        _sync(device)
-        start = time.perf_counter()
-        out = model(inputs)
-        loss = lattice_loss(out, targets, model.cfg)
-        _sync(device)
-        forward_done = time.perf_counter()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        _sync(device)
-        end = time.perf_counter()
-        flow_steps = sum(out.stats.active_per_step)
-        return {"forward_s": forward_done - start, "train_step_s": end - start, "flow_steps": flow_steps,
-                "steps_used": out.stats.steps_used, "flops": per_flow * flow_steps}
+        run = step.run()
+        return {**run, "flops": per_flow * run["flow_steps"]}
 
     machine_start, own_start, wall_start = _machine_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
     reset_peak_memory(device)
@@ -278,10 +282,7 @@ def run_bench(presets: list[str], *, batch: int | None = None, device: str = "au
     """Bench every preset in this process; returns {"machine": ..., "presets": {name: figures}}."""
     dev = choose_device(device, torch.cuda.is_available(), "torch sees no CUDA device here")
     kept = dev.type == "cpu" and cpu_keep_freed_memory and keep_freed_memory()
-    if data is None:
-        from .config import make_config
-        from .train import load_data
-        data = load_data(make_config("debug"))
+    data = data or _default_data()
     result: dict[str, Any] = {"machine": {**machine_info(dev), "cpu_keep_freed_memory": kept}, "presets": {}}
     peaks: dict[str, MatmulPeak] = {}  # one measurement per dtype serves every preset that steps in it
     for name in presets:
@@ -313,5 +314,210 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DEFAULT_PRESETS", "DEFAULT_BATCH", "STEP_DTYPES", "MatmulPeak", "bench_preset", "decode_pass_seconds",
-           "format_table", "machine_info", "matmul_peak", "run_bench"]
+# ------------------------------------------------------------------------------------------------
+# Profiles, and one commit against another
+
+
+def profile_presets(presets: list[str], *, batch: int | None = None, device: str = "auto",
+                    overrides: dict[str, Any] | None = None, data: PairDataset | None = None,
+                    steps: int = PROFILE_STEPS, top: int = PROFILE_TOP, log=print) -> dict[str, Any]:
+    """torch.profiler over `steps` training steps of each preset, after a warm-up step, in this
+    process: {"machine": ..., "presets": {name: TrainStep.profile(...) plus its batch}}."""
+    dev = choose_device(device, torch.cuda.is_available(), "torch sees no CUDA device here")
+    data = data or _default_data()
+    result: dict[str, Any] = {"machine": machine_info(dev), "presets": {}}
+    for name in presets:
+        b = batch or DEFAULT_BATCH.get(name, 1)
+        log(f"profile {name} at batch {b} on {dev} ...")
+        step = TrainStep.build(name, *bench_batch(data, b), dev, overrides=overrides)
+        step.run()  # warm-up
+        result["presets"][name] = {"batch": b, **step.profile(steps, top)}
+    return result
+
+
+def format_profiles(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    head = f"{m['cpu']}, {m.get('gpu') or 'CPU'}, torch {m['torch']}, {m['torch_threads']} threads"
+    return "\n\n".join([head] + [format_profile(f, f"{name} at batch {f['batch']}")
+                                 for name, f in result["presets"].items()])
+
+
+class CompareError(ValueError):
+    """`bench --compare` cannot run: the reference is no commit here, or one side's model failed."""
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True)
+
+
+def export_model(ref: str, dest: Path) -> str:
+    """Write the `model/` package of commit `ref` into `dest`; returns the commit's full hash.
+
+    `git archive` reads the repository and writes nothing into it (`git worktree add` would
+    register a worktree there); model/ imports nothing outside itself, so it is all a worker needs."""
+    found = _git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+    if found.returncode:
+        raise CompareError(f"--compare {ref!r} is not a commit of the git repository at {REPO_ROOT}")
+    commit = found.stdout.decode().strip()
+    archive = _git("archive", "--format=tar", commit, "model")
+    if archive.returncode:
+        raise CompareError(f"--compare {ref!r}: git archive failed: {archive.stderr.decode().strip()}")
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+    return commit
+
+
+def working_tree_label() -> str:
+    """HEAD's short hash, and whether model/ has changes not committed yet."""
+    head = _git("rev-parse", "--short", "HEAD").stdout.decode().strip() or "no commit"
+    changed = _git("status", "--porcelain", "--", "model").stdout.strip()
+    return f"{head} + uncommitted changes to model/" if changed else head
+
+
+class _Worker:
+    """A `python -m orchestrator.bench_step` process timing the `model/` package in `model_root`."""
+
+    def __init__(self, model_root: Path, label: str):
+        self.model_root, self.label = model_root, label
+        path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+        # The working directory comes first on a `-m` module's sys.path, so `model` is model_root's.
+        self.process = subprocess.Popen([sys.executable, "-m", "orchestrator.bench_step"], cwd=model_root,
+                                        env={**os.environ, "PYTHONPATH": path}, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def ask(self, op: str, **fields: Any) -> dict[str, Any]:
+        try:
+            self.process.stdin.write(json.dumps({"op": op, **fields}) + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            pass  # it stopped; readline below says so
+        line = self.process.stdout.readline()
+        if not line:
+            raise CompareError(f"the worker timing {self.label} stopped (exit code {self.process.wait()}); "
+                               f"its error is printed above")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise CompareError(f"{self.label}: {answer['error']}")
+        return answer
+
+    def build(self, **fields: Any) -> None:
+        loaded = Path(self.ask("build", **fields)["model_path"]).resolve()
+        if not loaded.is_relative_to(self.model_root.resolve()):
+            raise CompareError(f"the worker for {self.label} imported {loaded}, not the model in {self.model_root}")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.process.stdin.close()
+                self.process.wait(timeout=30)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait()
+
+
+COMPARED = (("forward_s", "forward"), ("train_step_s", "train step"),
+            ("forward_cpu_s", "forward CPU"), ("train_step_cpu_s", "train step CPU"))
+
+
+def _compared(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Both sides' medians, and per measure B/A three ways: the ratio of the medians, the median of
+    the ratios turn by turn (each B step against the A step next to it in time, so a load that
+    changes over the run cancels), and in how many turns B was the faster."""
+    figures: dict[str, Any] = {side: {key: statistics.median(run[key] for run in side_runs)
+                                      for key in (*(k for k, _ in COMPARED), "flow_steps", "steps_used")}
+                               for side, side_runs in runs.items()}
+    for side, side_runs in runs.items():
+        figures[side]["runs"] = side_runs
+    for key, _ in COMPARED:
+        turns = [b[key] / a[key] for a, b in zip(runs["ref"], runs["tree"])]
+        name = key.removesuffix("_s")
+        figures[f"{name}_ratio"] = figures["tree"][key] / figures["ref"][key]
+        figures[f"{name}_turn_ratio"] = statistics.median(turns)
+        figures[f"{name}_tree_faster"] = sum(ratio < 1 for ratio in turns)
+    return figures
+
+
+def compare_bench(ref: str, presets: list[str], *, batch: int | None = None, device: str = "auto",
+                  repeats: int = 3, overrides: dict[str, Any] | None = None, data: PairDataset | None = None,
+                  profile: bool = False, log=print) -> dict[str, Any]:
+    """Time the training step of every preset on commit `ref`'s model (A) and on this working tree's
+    (B), each in its own worker process, taking turns step by step: A B, B A, A B, ... The machine's
+    load changes from second to second; alternating puts both sides under the same load, so the
+    ratios B/A (see _compared) mean something where their seconds alone do not. Both workers run
+    this checkout's timing code (bench_step.TrainStep) on the same rows, seed, device and threads.
+    With `profile`, each side is also profiled (TrainStep.profile) before the timed steps."""
+    dev = choose_device(device, torch.cuda.is_available(), "torch sees no CUDA device here")
+    result: dict[str, Any] = {"machine": machine_info(dev), "repeats": repeats, "order": "A B, B A, ...",
+                              "presets": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp:
+        commit = export_model(ref, Path(tmp) / "ref")  # first: a wrong REF stops before anything slow
+        data = data or _default_data()
+        result["ref"] = {"name": ref, "commit": commit, "label": f"{ref} ({commit[:10]})"}
+        result["tree"] = {"label": f"working tree ({working_tree_label()})"}
+        workers = {"ref": _Worker(Path(tmp) / "ref", result["ref"]["label"]),
+                   "tree": _Worker(REPO_ROOT, result["tree"]["label"])}
+        try:
+            for name in presets:
+                b = batch or DEFAULT_BATCH.get(name, 1)
+                log(f"compare {name} at batch {b} on {dev}: {result['ref']['label']} against the working tree ...")
+                batch_file = Path(tmp) / f"{name}-batch.pt"
+                inputs, targets = bench_batch(data, b)
+                torch.save({"inputs": inputs, "targets": targets}, batch_file)
+                for worker in workers.values():
+                    worker.build(preset=name, data=str(batch_file), device=str(dev), overrides=overrides or {}, seed=0,
+                                 threads=torch.get_num_threads())
+                figures: dict[str, Any] = {"batch": b}
+                if profile:
+                    for side, worker in workers.items():
+                        figures[side + "_profile"] = worker.ask("profile", steps=PROFILE_STEPS, top=PROFILE_TOP)
+                runs: dict[str, list[dict[str, Any]]] = {"ref": [], "tree": []}
+                for r in range(repeats):
+                    for side in ("ref", "tree") if r % 2 == 0 else ("tree", "ref"):
+                        runs[side].append(workers[side].ask("step"))
+                figures.update(_compared(runs))
+                result["presets"][name] = figures
+        finally:
+            for worker in workers.values():
+                worker.close()
+    result["machine"]["load_average_1m_end"] = os.getloadavg()[0]
+    return result
+
+
+def format_compare(result: dict[str, Any]) -> str:
+    """The comparison as a table: per preset and measure (wall and CPU seconds of the forward pass
+    and the training step) each side's median, B/A of the medians and turn by turn, and how often
+    B was faster; then the profiles if taken. Where the two ratios disagree, or B wins about half
+    the turns, the difference is within the machine's noise: more repeats, or `--threads 1`."""
+    m = result["machine"]
+    lines = [f"A = {result['ref']['label']}, B = {result['tree']['label']}; {m['cpu']}, "
+             f"{m.get('gpu') or 'CPU'}, torch {m['torch']}, {m['torch_threads']} threads; "
+             f"{result['repeats']} training steps each, taken in turns ({result['order']})"]
+    header = ["preset", "batch", "seconds", "A", "B", "B/A", "B/A turn by turn", "B faster"]
+    rows = []
+    for name, f in result["presets"].items():
+        for key, label in COMPARED:
+            ratio = key.removesuffix("_s")
+            rows.append([name, str(f["batch"]), label, f"{f['ref'][key]:.3f}", f"{f['tree'][key]:.3f}",
+                         f"{f[ratio + '_ratio']:.3f}", f"{f[ratio + '_turn_ratio']:.3f}",
+                         f"{f[ratio + '_tree_faster']}/{result['repeats']}"])
+        rows.append([name, str(f["batch"]), "flow steps", f"{f['ref']['flow_steps']:.0f}",
+                     f"{f['tree']['flow_steps']:.0f}", "", "", ""])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines.append("  ".join(h.rjust(w) for h, w in zip(header, widths)))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
+    for name, f in result["presets"].items():
+        for side in ("ref", "tree"):
+            if side + "_profile" in f:
+                lines += ["", format_profile(f[side + "_profile"], f"{name} at batch {f['batch']}, "
+                                                                    f"{'A' if side == 'ref' else 'B'} = {result[side]['label']}")]
+    return "\n".join(lines)
+
+
+__all__ = ["DEFAULT_PRESETS", "DEFAULT_BATCH", "STEP_DTYPES", "CompareError", "MatmulPeak", "bench_batch",
+           "bench_preset", "compare_bench", "decode_pass_seconds", "export_model", "format_compare",
+           "format_profiles", "format_table", "machine_info", "matmul_peak", "profile_presets", "run_bench"]

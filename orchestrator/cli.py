@@ -319,18 +319,30 @@ def _model_overrides(pairs: list[str] | None) -> dict[str, Any]:
 
 def cmd_bench(args) -> int:
     from model.config import apply_overrides, preset
-    from .bench import DEFAULT_PRESETS, format_table, run_bench
+    from . import bench
     overrides = _model_overrides(args.set)
-    if args.batch is not None and args.batch < 1 or args.repeats < 1:
-        raise UserError("--batch and --repeats must be at least 1")
-    presets = args.preset or list(DEFAULT_PRESETS)
+    if args.batch is not None and args.batch < 1 or args.repeats < 1 or args.threads is not None and args.threads < 1:
+        raise UserError("--batch, --repeats and --threads must be at least 1")
+    presets = args.preset or list(bench.DEFAULT_PRESETS)
     for name in presets:  # refuse a bad value before anything slow starts
         apply_overrides(preset(name), overrides)
     setup_logging()
-    result = run_bench(presets, batch=args.batch, device=args.device, repeats=args.repeats,
-                       overrides=overrides, cpu_keep_freed_memory=args.keep_freed_memory,
-                       log=lambda msg: print(msg, file=sys.stderr))
-    print(format_table(result))
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    common = dict(batch=args.batch, device=args.device, overrides=overrides, log=lambda msg: print(msg, file=sys.stderr))
+    if args.compare:
+        try:
+            result = bench.compare_bench(args.compare, presets, repeats=args.repeats, profile=args.profile, **common)
+        except bench.CompareError as e:
+            raise UserError(str(e)) from None
+        print(bench.format_compare(result))
+    elif args.profile:
+        result = bench.profile_presets(presets, **common)
+        print(bench.format_profiles(result))
+    else:
+        result = bench.run_bench(presets, repeats=args.repeats, cpu_keep_freed_memory=args.keep_freed_memory, **common)
+        print(bench.format_table(result))
     if args.json:
         _write_json(args.json, result)
         print(f"wrote {args.json}")
@@ -584,6 +596,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a model field for every preset, e.g. model.precision=bf16-mixed")
     bench.add_argument("--keep-freed-memory", action="store_true",
                        help="CPU: keep freed memory in the process, as train's cpu_keep_freed_memory does")
+    bench.add_argument("--profile", action="store_true",
+                       help="profile two training steps per preset instead: top operators by self CPU time "
+                            "(and CUDA kernels on a GPU)")
+    bench.add_argument("--compare", metavar="REF",
+                       help="time each preset on git commit REF and on the working tree, taking turns step by "
+                            "step, and print both and their ratio (with --profile, profile both)")
+    bench.add_argument("--threads", type=int,
+                       help="torch's CPU threads (default: torch's own choice); 1 makes CPU times steady on a busy machine")
     bench.add_argument("--json", help="write every figure and the machine it ran on here")
     bench.set_defaults(func=cmd_bench)
 

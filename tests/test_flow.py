@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from model import EnergyLattice, ModelConfig, preset, run_flows
+from model.flow import _plane_values, _splat
 
 SMALL = preset("smoke")  # 8x8x8
 
@@ -161,3 +162,67 @@ def test_gradients_reach_every_parameter(precision):
             assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {part}.{name}"
     move_grad = model.carrier.move_head.weight.grad
     assert (move_grad.abs().sum(dim=1) > 0).all(), "every axis of the move head must get a gradient"
+
+
+def _one_splat_per_plane(sample, xy, upper, energy, split, height, width):
+    """The deposit as it was before both planes went into one splat: a bilinear splat per plane,
+    each with its own indices into a flat (B, 2, H, W) tensor. The reference for the one below."""
+    def splat(plane, value):
+        gx = (xy[:, 0] + 1) * (0.5 * (width - 1))
+        gy = (xy[:, 1] + 1) * (0.5 * (height - 1))
+        x0 = gx.detach().floor().clamp(0, width - 2)
+        y0 = gy.detach().floor().clamp(0, height - 2)
+        fx, fy = gx - x0, gy - y0
+        base = ((sample * 2 + plane) * height + y0.long()) * width + x0.long()
+        v = value.reshape(-1)
+        return (torch.cat([base, base + 1, base + width, base + width + 1]),
+                torch.cat([v * (1 - fx) * (1 - fy), v * fx * (1 - fy), v * (1 - fx) * fy, v * fx * fy]))
+    if split is None:
+        return splat(upper.long(), energy)
+    up, up_value = splat(torch.ones_like(sample), energy * split)
+    low, low_value = splat(torch.zeros_like(sample), energy * (1 - split))
+    return torch.cat([up, low]), torch.cat([up_value, low_value])
+
+
+def random_flows(n=300, batch=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * 2 - 1
+    xy[:8] = torch.tensor([[-1.0, -1.0], [1.0, 1.0], [-1.0, 1.0], [1.0, -1.0]]).repeat(2, 1)  # the walls
+    return (torch.randint(0, batch, (n,), generator=g), xy.requires_grad_(),
+            torch.rand(n, generator=g) > 0.5, torch.randn(n, 1, generator=g).requires_grad_(),
+            torch.rand(n, 1, generator=g).requires_grad_())
+
+
+@pytest.mark.parametrize("learned_split", [True, False])
+def test_one_splat_for_both_planes_equals_one_splat_per_plane(learned_split):
+    B, H, W = 3, 7, 5
+    sample, xy, upper, energy, split = random_flows(batch=B)
+    split = split if learned_split else None
+    weights = torch.randn(B * 2 * H * W)  # a loss that weighs every cell differently
+    planes, grads = [], []
+    for index, value in (_splat(sample, xy, _plane_values(energy, split, upper), H, W),
+                         _one_splat_per_plane(sample, xy, upper, energy, split, H, W)):
+        deposited = torch.zeros(B * 2 * H * W).index_add(0, index, value)
+        inputs = [xy, energy] + ([split] if learned_split else [])
+        grads.append(torch.autograd.grad((deposited * weights).sum(), inputs))
+        planes.append(deposited.detach())
+    # Bit-identical planes: the same products, added into each cell in the same order.
+    assert torch.equal(planes[0], planes[1])
+    assert planes[0].view(B, 2, H, W).abs().sum() > 0
+    for new, old in zip(*grads):  # the energy's gradient sums its two planes' in another order
+        torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 5])
+def test_a_splat_of_p_channels_puts_channel_p_on_plane_p(channels):
+    # what a flow carrying more than one value per plane will deposit: still one index_add
+    B, H, W = 2, 6, 9
+    sample, xy, _, _, _ = random_flows(n=200, batch=B, seed=1)
+    values = torch.randn(len(sample), channels)
+    index, value = _splat(sample, xy.detach(), values, H, W)
+    assert index.shape == value.shape == (4 * len(sample) * channels,)
+    together = torch.zeros(B * channels * H * W).index_add(0, index, value).view(B, channels, H, W)
+    for p in range(channels):
+        alone = torch.zeros(B * H * W).index_add(0, *_splat(sample, xy.detach(), values[:, p:p + 1], H, W))
+        assert torch.equal(together[:, p], alone.view(B, H, W))
+    torch.testing.assert_close(together.sum((0, 2, 3)), values.sum(0))  # bilinear weights sum to 1

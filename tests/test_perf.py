@@ -133,3 +133,64 @@ def test_bench_writes_every_figure(tmp_path, corpus_path):
             figures[key] is None and figures["mfu_unknown_why"]), (key, figures[key])
     assert figures["forward_s"] < figures["train_step_s"] and 0 < figures["steps_used_ratio"] <= 1
     assert data["machine"]["cpu_count"] >= 1
+
+
+def _git(*args):
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, check=True).stdout
+
+
+def test_export_model_writes_that_commits_model_package(tmp_path):
+    from orchestrator.bench import export_model
+    commit = export_model("HEAD", tmp_path)
+    assert commit == _git("rev-parse", "HEAD").decode().strip()
+    for name in ("flow.py", "lattice.py", "config.py"):
+        assert (tmp_path / "model" / name).read_bytes() == _git("show", f"HEAD:model/{name}")
+    assert not (tmp_path / "orchestrator").exists()  # only model/: the workers time its code, not a copy of ours
+
+
+def test_bench_compare_times_both_sides_in_turns_and_prints_their_ratios(tmp_path, corpus_path):
+    out = tmp_path / "compare.json"
+    result = cli("bench", "--compare", "HEAD", "--preset", "smoke", "--batch", "2", "--repeats", "3",
+                 "--threads", "1", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["ref"]["commit"] == _git("rev-parse", "HEAD").decode().strip()
+    figures = data["presets"]["smoke"]
+    for side in ("ref", "tree"):
+        runs = figures[side]["runs"]
+        assert len(runs) == 3 and all(0 < r["forward_s"] < r["train_step_s"] for r in runs), runs
+        assert figures[side]["flow_steps"] >= 2 * 64 and figures[side]["train_step_cpu_s"] > 0
+    for key in ("forward", "train_step", "forward_cpu", "train_step_cpu"):
+        ref, tree = ([r[f"{key}_s"] for r in figures[side]["runs"]] for side in ("ref", "tree"))
+        assert figures[f"{key}_ratio"] == pytest.approx(figures["tree"][f"{key}_s"] / figures["ref"][f"{key}_s"])
+        turns = sorted(b / a for a, b in zip(ref, tree))
+        assert figures[f"{key}_turn_ratio"] == pytest.approx(turns[1])  # the median of 3
+        assert figures[f"{key}_tree_faster"] == sum(t < 1 for t in turns)
+    assert data["machine"]["torch_threads"] == 1
+    lines = result.stdout.splitlines()
+    assert lines[1].split()[:6] == ["preset", "batch", "seconds", "A", "B", "B/A"]
+    rows = {" ".join(line.split()[2:-5]): line.split()[-5:] for line in lines[2:6]}
+    assert set(rows) == {"forward", "train step", "forward CPU", "train step CPU"}
+    assert all(float(value) > 0 for values in rows.values() for value in values[:-1])
+    assert all(values[-1].endswith("/3") for values in rows.values())
+    assert lines[6].split()[:3] == ["smoke", "2", "flow"]
+
+
+def test_bench_compare_refuses_what_is_no_commit_in_one_line():
+    refused = cli("bench", "--compare", "no-such-commit-here", "--preset", "smoke", timeout=120)
+    assert refused.returncode == 2
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --compare 'no-such-commit-here' is not a commit"), lines
+
+
+def test_bench_profile_lists_the_top_operators(tmp_path, corpus_path):
+    out = tmp_path / "profile.json"
+    result = cli("bench", "--profile", "--preset", "smoke", "--batch", "2", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(out.read_text())["presets"]["smoke"]
+    names, ms = [row["name"] for row in figures["cpu"]], [row["ms"] for row in figures["cpu"]]
+    assert 0 < len(names) <= 20 and any(n in names for n in ("aten::addmm", "aten::mm"))
+    assert ms == sorted(ms, reverse=True) and ms[-1] > 0
+    assert set(figures["phases_ms"]) == {"forward", "loss", "backward", "optimizer"}
+    assert figures["device"] is None  # CUDA kernels only where the step ran on a GPU
+    assert "self CPU ms" in result.stdout and "aten::" in result.stdout
