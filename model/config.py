@@ -29,13 +29,14 @@ def knob(default: Any, help: str, *, range: str | None = None, choices: tuple | 
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed")
 ENERGY_UPDATES = ("residual", "gated", "replace")
 PLANE_SPLITS = ("learned", "arrival")
+INTERACTIONS = ("none", "field")
 # The fields that fix parameter shapes, in two parts: the lattice's own size, which
 # model.transfer changes between progressive-scaling stages, and every other one, which stages
 # (and a checkpoint and the config that loads it) must agree on for weights to carry over.
 LATTICE_SIZE_FIELDS = ("width", "height", "depth")
 CARRIED_SHAPE_FIELDS = ("embed_dim", "mapper_rank", "collector_rank", "neuron_hidden", "neuron_features",
                         "carrier_hidden", "carrier_layers", "energy_update", "plane_split", "skip",
-                        "mapper_layer_norm", "split_energy_gain")
+                        "mapper_layer_norm", "split_energy_gain", "energy_channels", "interaction", "field_channels")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,19 @@ class ModelConfig:
     skip: bool = knob(
         True, "prediction = skip_scale * embedding + collector(planes), with a learned scalar "
               "skip_scale; validation then also reports the skip-only and lattice-only ablations")
+    energy_channels: int = knob(
+        1, "values of energy each flow carries: the mapper writes this many maps of the embedding, "
+           "the carrier updates (and splits) each, the collector reads 2 x this many planes; 1 is the "
+           "original scalar energy", range="[1, 64]")
+    interaction: str = knob(
+        "none", "how flows exchange information while they travel: 'none', or 'field': each flow "
+                "writes field_channels values at its cell of a coarse 3D field, which mixes every cell "
+                "with its neighbours from step to step, and reads back its cell and the sample's mean "
+                "into the carrier at the next step (local and distant connections)", choices=INTERACTIONS)
+    field_channels: int = knob(8, "values per cell of the interaction field", range="[1, 256]")
+    field_resolution: int = knob(
+        8, "cells of the interaction field along each axis (it spans the lattice whatever its size)",
+        range="[2, 64]")
 
     # --- flow dynamics -----------------------------------------------------------------------
     max_dz_cells: float | None = knob(
@@ -182,6 +196,10 @@ FIELDS_ADDED_LATER: dict[str, Any] = {
     "skip": lambda saved: False,
     "mapper_layer_norm": lambda saved: False,
     "split_energy_gain": lambda saved: 0.0,
+    "energy_channels": lambda saved: 1,
+    "interaction": lambda saved: "none",
+    "field_channels": lambda saved: 8,
+    "field_resolution": lambda saved: 8,
 }
 
 

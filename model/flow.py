@@ -1,13 +1,15 @@
 """The flow processor: carries energy from the input surface to the two output planes.
 
-A flow is one row in a set of flat tensors: position (N, 3) in [-1, 1], energy (N, 1), carrier
-state (L, N, Hc), sample index (N,), path length (N,). Rows stay sorted by sample: the initial
+A flow is one row in a set of flat tensors: position (N, 3) in [-1, 1], energy (N, e) (e =
+energy_channels, 1 by default), carrier state (L, N, Hc), sample index (N,), path length (N,). Rows
+stay sorted by sample: the initial
 flows are laid out sample-major and every later gather preserves order, which is what lets the
 per-sample flow cap be enforced with one cumulative sum instead of a loop.
 
 Each step:
   1. the dense step (neuron + carrier, supplied by the model) gives a new state, energy, move and
-     plane split;
+     plane split; with `interaction="field"` it also reads what the field holds at the flow's cell
+     (and the sample's mean of it), and gives what the flow writes there after its move;
   2. positions move; x and y reflect (or clamp) at the walls; z beyond -1 or +1 means arrived;
   3. flows that moved farther than `spawn_threshold` ask for children, capped per sample;
   4. ONE host sync fetches the sizes of the next step (kept, arrived, spawned counts);
@@ -17,6 +19,12 @@ Each step:
      at the parent's previous position, sharing its energy).
 When the loop stops, flows still active are projected onto the nearer plane (split as on arrival)
 and deposited there.
+
+The interaction field (B, C, R, R, R) spans the lattice at R cells per axis. After each step every
+flow's message is averaged into its cell, on top of the previous field mixed with its neighbouring
+cells (a 3x3x3 mean) and halved: local connections reach farther step by step, older messages fade,
+and the sample's mean over all cells is a distant connection every flow reads. Scatter, mix and
+gather are each one tensor op per step whatever the number of flows.
 """
 from __future__ import annotations
 
@@ -24,14 +32,19 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .config import ModelConfig
 
-# (pos, energy, hidden) -> (hidden, energy, move, split); pos/energy/move fp32, hidden in the state
-# dtype; split (N, 1) is the share of each flow's energy that goes to plane z = +1, or None to put
-# all of it on the plane the flow reached.
-StepFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor | None]]
+# (pos, energy, hidden, context) -> (hidden, energy, move, split, message); pos/energy/move fp32,
+# hidden in the state dtype; split (N, e) is the share of each flow's energy that goes to plane
+# z = +1, or None to put all of it on the plane the flow reached. context (N, 2C) is what the flow
+# reads from the interaction field and message (N, C) what it writes; both None without a field.
+StepFn = Callable[[Tensor, Tensor, Tensor, Tensor | None],
+                  tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]]
+# What the field keeps of its previous (neighbour-mixed) state each step: older messages fade.
+FIELD_KEEP = 0.5
 
 
 @dataclass
@@ -65,8 +78,8 @@ class FlowStats:
 class FlowTrace:
     """Per-flow bookkeeping for tests and plots; only collected with `trace=True` (slower)."""
     deposited_ids: list[Tensor] = field(default_factory=list)   # flow id of every deposit
-    deposited_energy: list[Tensor] = field(default_factory=list)
-    initial_energy: Tensor | None = None
+    deposited_energy: list[Tensor] = field(default_factory=list)  # summed over energy channels
+    initial_energy: Tensor | None = None                           # each flow's, summed over channels
     # (flow ids, positions) of sample 0's flows after each step, for flow-path plots
     sample0_paths: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     created_total: int = 0
@@ -103,11 +116,35 @@ def _splat(sample: Tensor, xy: Tensor, values: Tensor, height: int, width: int) 
 
 
 def _plane_values(energy: Tensor, split: Tensor | None, upper: Tensor) -> Tensor:
-    """(N, 2): what each flow deposits on plane 0 (z = -1) and plane 1 (z = +1). Its energy is
-    shared by `split` (the share for plane 1) when there is one, else all of it goes to its own
-    side's plane (`upper`: plane 1), which is the same as a split of exactly 0 or 1."""
+    """(N, 2e): what each flow deposits on the planes z = -1 (its e channels first) and z = +1. Each
+    energy channel is shared by `split` (its share for plane z = +1) when there is one, else all of
+    it goes to its own side's plane (`upper`), which is the same as a split of exactly 0 or 1."""
     share = split if split is not None else upper.to(energy.dtype)[:, None]
-    return energy * torch.cat([1 - share, share], dim=1)
+    return torch.cat([energy * (1 - share), energy * share], dim=1)
+
+
+def _field_cells(pos: Tensor, sample: Tensor, resolution: int) -> Tensor:
+    """Each flow's cell of the field, as an index into its flat (B * R^3) cells."""
+    cell = ((pos.detach() + 1) * (0.5 * (resolution - 1))).round().long().clamp(0, resolution - 1)
+    return ((sample * resolution + cell[:, 2]) * resolution + cell[:, 1]) * resolution + cell[:, 0]
+
+
+def _read_field(field: Tensor, cells: Tensor, sample: Tensor) -> Tensor:
+    """(N, 2C): the field at each flow's cell, and its sample's mean over every cell."""
+    channels = field.shape[1]
+    local = field.permute(0, 2, 3, 4, 1).reshape(-1, channels).index_select(0, cells)
+    return torch.cat([local, field.mean(dim=(2, 3, 4)).index_select(0, sample)], dim=1)
+
+
+def _write_field(field: Tensor, cells: Tensor, message: Tensor) -> Tensor:
+    """The next field: the mean message of the flows in each cell, on top of FIELD_KEEP x the
+    previous field mixed with its neighbours."""
+    B, C, R = field.shape[0], field.shape[1], field.shape[2]
+    sums = torch.zeros(B * R**3, C, device=field.device).index_add(0, cells, message.float())
+    counts = torch.zeros(B * R**3, device=field.device).index_add(0, cells, torch.ones_like(cells, dtype=torch.float))
+    written = (sums / counts.clamp(min=1)[:, None]).view(B, R, R, R, C).permute(0, 4, 1, 2, 3)
+    mixed = F.avg_pool3d(field, 3, stride=1, padding=1, count_include_pad=False)
+    return FIELD_KEEP * mixed + written
 
 
 def _positions_of(mask: Tensor, count: int) -> Tensor:
@@ -118,14 +155,17 @@ def _positions_of(mask: Tensor, count: int) -> Tensor:
 
 def run_flows(energy_grid: Tensor, step_fn: StepFn, cfg: ModelConfig, *, hidden_dtype: torch.dtype,
               trace: bool = False) -> tuple[Tensor, FlowStats, FlowTrace | None]:
-    """Run every flow of a batch to the planes. Returns (planes (B, 2, H, W) fp32, stats, trace).
+    """Run every flow of a batch to the planes. Returns (planes (B, 2e, H, W) fp32, stats, trace).
 
-    `cfg` must be resolved (no None defaults). Plane 0 is z = -1, plane 1 is z = +1.
+    `energy_grid` is (B, e, H, W), or (B, H, W) for one channel. `cfg` must be resolved (no None
+    defaults). Planes 0..e-1 are the channels deposited on z = -1, planes e..2e-1 those on z = +1.
     """
-    B, H, W = energy_grid.shape
+    if energy_grid.dim() == 3:
+        energy_grid = energy_grid[:, None]
+    B, E, H, W = energy_grid.shape
     dev = energy_grid.device
     S, N = H * W, B * H * W
-    P = 2  # planes the deposits fill (z = -1, z = +1): the columns of _plane_values
+    P = 2 * E  # planes the deposits fill: the columns of _plane_values
     # Filled on the device: torch.tensor(..., device=cuda) copies from host memory, a host sync.
     limits = torch.stack([torch.full((), limit, device=dev) for limit in cfg.step_limits()])
 
@@ -134,7 +174,7 @@ def run_flows(energy_grid: Tensor, step_fn: StepFn, cfg: ModelConfig, *, hidden_
                             indexing="ij")
     surface_xy = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1)
     pos = torch.cat([surface_xy.repeat(B, 1), torch.zeros(N, 1, device=dev)], dim=1)
-    energy = energy_grid.reshape(N, 1).float()
+    energy = energy_grid.float().flatten(2).transpose(1, 2).reshape(N, E)  # sample-major, then cell
     sample = torch.arange(B, device=dev)[:, None].expand(B, S).reshape(-1)  # repeat_interleave would sync
     hidden = (torch.randn(cfg.carrier_layers, N, cfg.carrier_hidden, device=dev)
               * cfg.hidden_noise_std).to(hidden_dtype)
@@ -143,8 +183,10 @@ def run_flows(energy_grid: Tensor, step_fn: StepFn, cfg: ModelConfig, *, hidden_
     arrived_per_sample = torch.zeros(B, device=dev, dtype=torch.long)
     zeros_b = torch.zeros(B, device=dev, dtype=torch.long)
     path_sum = torch.zeros((), device=dev)
+    R = cfg.field_resolution
+    flow_field = torch.zeros(B, cfg.field_channels, R, R, R, device=dev) if cfg.interaction == "field" else None
 
-    tr = FlowTrace(initial_energy=energy.detach().clone(), created_total=N) if trace else None
+    tr = FlowTrace(initial_energy=energy.detach().sum(1), created_total=N) if trace else None
     flow_id = torch.arange(N, device=dev) if trace else None
 
     deposit_index: list[Tensor] = []
@@ -155,9 +197,12 @@ def run_flows(energy_grid: Tensor, step_fn: StepFn, cfg: ModelConfig, *, hidden_
     best, stale, stop_reason = None, 0, "max_steps"
 
     for step in range(1, cfg.max_steps + 1):
-        hidden_new, energy_new, move, split = step_fn(pos, energy, hidden)
+        context = None if flow_field is None else _read_field(flow_field, _field_cells(pos, sample, R), sample)
+        hidden_new, energy_new, move, split, message = step_fn(pos, energy, hidden, context)
         move = move * limits  # the carrier's move head is in [-1, 1] per axis
         new_pos = _move(pos, move, cfg.reflect_walls)
+        if flow_field is not None:  # every flow of this step writes, arrived ones at the cell they arrived in
+            flow_field = _write_field(flow_field, _field_cells(new_pos, sample, R), message)
         z = new_pos[:, 2]
         arrived = (z <= -1) | (z >= 1)
         keep = ~arrived
@@ -189,7 +234,7 @@ def run_flows(energy_grid: Tensor, step_fn: StepFn, cfg: ModelConfig, *, hidden_
             deposit_value.append(value)
             if tr is not None:
                 tr.deposited_ids.append(flow_id[at])
-                tr.deposited_energy.append(energy_new[at].detach().reshape(-1))
+                tr.deposited_energy.append(energy_new[at].detach().sum(1))
         if tr is not None:
             in0 = sample == 0
             tr.sample0_paths.append((flow_id[in0].cpu(), new_pos[in0].detach().cpu()))
@@ -246,7 +291,7 @@ def run_flows(energy_grid: Tensor, step_fn: StepFn, cfg: ModelConfig, *, hidden_
         deposit_value.append(value)
         if tr is not None:
             tr.deposited_ids.append(flow_id)
-            tr.deposited_energy.append(energy.detach().reshape(-1))
+            tr.deposited_energy.append(energy.detach().sum(1))
 
     planes = torch.zeros(B * P * H * W, device=dev).index_add(
         0, torch.cat(deposit_index), torch.cat(deposit_value)).view(B, P, H, W)

@@ -1,12 +1,15 @@
 """The energy-flow lattice model, top to bottom.
 
     embedding (B, E)
-      -> InputMapper       one scalar energy per surface cell        (B, H, W)
+      -> InputMapper       e energies per surface cell (e = energy_channels, 1 by default)  (B, e, H, W)
       -> flows             one per (sample, cell), run by flow.run_flows through
            SimpleNeuron    (position, energy) -> features             shared, ~1k parameters
-           EnergyCarrier   GRU: features, energy -> state, energy, move
-      -> two output planes deposited at z = -1 and z = +1             (B, 2, H, W)
+           EnergyCarrier   GRU: features, energy [, field read] -> state, energy, move [, message]
+      -> two output planes deposited at z = -1 and z = +1, e channels each      (B, 2e, H, W)
       -> Collector         planes -> embedding                        (B, E)
+
+With `interaction="field"` flows also meet while they travel: each writes a message into a coarse
+3D field at its cell and reads the field (its cell, and the sample's mean) at the next step.
 
 Coordinates are normalized to [-1, 1] on every axis before anything sees them. The mapper and the
 collector are rank-K separable maps, so a 300x300 surface costs K x (300 + 300) parameters plus a
@@ -30,19 +33,21 @@ _AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
 
 
 class InputMapper(nn.Module):
-    """energy[b, y, x] = sum_k a[b, k] * U[k, y] * V[k, x] + bias[y, x], with a = f(embedding).
+    """energy[b, c, y, x] = sum_k a[b, c, k] * U[k, y] * V[k, x] + bias[y, x], with a = f(embedding),
+    for each of the flows' energy channels c (one by default).
 
     f is a linear map of the (by default layer-normalised) embedding, initialised so the
     input-dependent part of the grid has std `init_spread`: flows start from energies that differ
-    between inputs, whatever the teacher's embedding norm.
+    between inputs, whatever the teacher's embedding norm. The channels share the spatial factors
+    U and V (parameters stay O(K(H+W))) and differ by their coefficients.
     """
 
     def __init__(self, embed_dim: int, height: int, width: int, rank: int, dropout: float,
-                 init_spread: float = 0.5, layer_norm: bool = True):
+                 init_spread: float = 0.5, layer_norm: bool = True, channels: int = 1):
         super().__init__()
-        self.layer_norm = layer_norm
+        self.layer_norm, self.channels, self.rank = layer_norm, channels, rank
         self.dropout = nn.Dropout(dropout)
-        self.coefficients = nn.Linear(embed_dim, rank)
+        self.coefficients = nn.Linear(embed_dim, channels * rank)
         # a_k ~ N(0, spread^2) for a layer-normalised input; U ~ N(0, 1/K) and V ~ N(0, 1), so the
         # grid, a sum of K such products, has std `init_spread`.
         nn.init.normal_(self.coefficients.weight, std=init_spread / embed_dim ** 0.5)
@@ -52,17 +57,18 @@ class InputMapper(nn.Module):
         self.bias = nn.Parameter(torch.zeros(height, width))
 
     def forward(self, embedding: Tensor) -> Tensor:
+        """(B, channels, H, W)."""
         x = F.layer_norm(embedding, embedding.shape[-1:]) if self.layer_norm else embedding
-        a = self.coefficients(self.dropout(x))
-        return torch.einsum("bk,ky,kx->byx", a, self.row_factors, self.col_factors) + self.bias
+        a = self.coefficients(self.dropout(x)).view(len(x), self.channels, self.rank)
+        return torch.einsum("bck,ky,kx->bcyx", a, self.row_factors, self.col_factors) + self.bias
 
 
 class SimpleNeuron(nn.Module):
     """A small shared MLP from (position, energy) to features. Positions arrive in [-1, 1]."""
 
-    def __init__(self, hidden: int, features: int):
+    def __init__(self, hidden: int, features: int, energy_channels: int = 1):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(4, hidden), nn.GELU(), nn.Linear(hidden, features))
+        self.net = nn.Sequential(nn.Linear(3 + energy_channels, hidden), nn.GELU(), nn.Linear(hidden, features))
 
     def forward(self, pos: Tensor, energy: Tensor) -> Tensor:
         return self.net(torch.cat([pos, energy], dim=1))
@@ -124,8 +130,9 @@ class StepGRU(nn.Module):
 
 
 class EnergyCarrier(nn.Module):
-    """A shared GRU that carries a flow: new state, new energy, a move in [-1, 1]^3 and, with a
-    learned plane split, the share of the flow's energy that goes to the plane z = +1.
+    """A shared GRU that carries a flow: new state, new energy (e channels), a move in [-1, 1]^3,
+    with a learned plane split the share of each energy channel that goes to the plane z = +1, and
+    with an interaction field the message the flow writes into it (it reads the field as input).
 
     The energy is updated, not replaced (unless `energy_update="replace"`): the residual head starts
     at zero, so at initialisation every flow delivers exactly the energy the mapper gave it and the
@@ -134,14 +141,19 @@ class EnergyCarrier(nn.Module):
     """
 
     def __init__(self, in_features: int, hidden: int, layers: int, energy_update: str = "residual",
-                 plane_split: str = "learned", split_energy_gain: float = 0.0):
+                 plane_split: str = "learned", split_energy_gain: float = 0.0, energy_channels: int = 1,
+                 field_channels: int = 0):
         super().__init__()
-        self.energy_update = energy_update
-        self.gru = StepGRU(in_features + 1, hidden, layers)
-        self.energy_head = nn.Linear(hidden, 1)
+        e = energy_channels
+        self.energy_update, self.energy_channels = energy_update, e
+        # The GRU reads the neuron's features, the energy and, with a field, what the flow reads there
+        # (its cell and the sample's mean: 2 x field_channels).
+        self.gru = StepGRU(in_features + e + 2 * field_channels, hidden, layers)
+        self.energy_head = nn.Linear(hidden, e)
         self.move_head = nn.Linear(hidden, 3)
-        self.gate_head = nn.Linear(hidden, 1) if energy_update == "gated" else None
-        self.split_head = nn.Linear(hidden, 1) if plane_split == "learned" else None
+        self.gate_head = nn.Linear(hidden, e) if energy_update == "gated" else None
+        self.split_head = nn.Linear(hidden, e) if plane_split == "learned" else None
+        self.message_head = nn.Linear(hidden, field_channels) if field_channels else None
         # The split also sees the energy it splits, through a learned gain: with the head alone the
         # split stayed near 1/2 and the two planes near-identical halves of one map.
         self.split_energy_gain = (nn.Parameter(torch.tensor(float(split_energy_gain)))
@@ -152,18 +164,20 @@ class EnergyCarrier(nn.Module):
         if self.gate_head is not None:  # a gate of ~0.05: most of the energy is kept each step
             nn.init.constant_(self.gate_head.bias, -3.0)
 
-    def forward(self, features: Tensor, energy: Tensor, hidden: Tensor
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        x = torch.cat([features, energy.to(features.dtype)], dim=1)
+    def forward(self, features: Tensor, energy: Tensor, hidden: Tensor, context: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+        inputs = [features, energy.to(features.dtype)] + ([context.to(features.dtype)] if context is not None else [])
+        x = torch.cat(inputs, dim=1)
         hidden, h = self.gru(x, hidden.to(x.dtype))
         # All heads as one matmul over their stacked weights (their parameters stay apart, so
-        # checkpoints keep their names): one (N, Hc) x (Hc, 4-6) product instead of one per head,
+        # checkpoints keep their names): one (N, Hc) x (Hc, outputs) product instead of one per head,
         # and in backward one gradient for h instead of one per head, added up.
-        heads = [head for head in (self.energy_head, self.move_head, self.gate_head, self.split_head)
-                 if head is not None]
+        heads = [head for head in (self.energy_head, self.move_head, self.gate_head, self.split_head,
+                                   self.message_head) if head is not None]
         out = F.linear(h, torch.cat([head.weight for head in heads]), torch.cat([head.bias for head in heads]))
-        bounded, *logits = out.split([4] + [1] * (len(heads) - 2), dim=1)  # split's backward: one cat
-        energy_out, move = torch.tanh(bounded).split([1, 3], dim=1)
+        e = self.energy_channels
+        bounded, *logits = out.split([e + 3] + [head.out_features for head in heads[2:]], dim=1)  # backward: one cat
+        energy_out, move = torch.tanh(bounded).split([e, 3], dim=1)
         head = energy_out.float()
         if self.energy_update == "residual":
             new_energy = energy + head
@@ -177,25 +191,27 @@ class EnergyCarrier(nn.Module):
             if self.split_energy_gain is not None:
                 logit = logit + self.split_energy_gain * new_energy
             split = torch.sigmoid(logit)
-        return hidden, new_energy, move, split
+        message = torch.tanh(logits.pop(0)) if self.message_head is not None else None
+        return hidden, new_energy, move, split, message
 
 
 class Collector(nn.Module):
-    """The mirror of the mapper, with the two planes kept apart:
-    c[b, p, k] = mean_{y,x} planes[b, p, y, x] * U[p, k, y] * V[p, k, x]; embedding = Linear(LN(c)).
+    """The mirror of the mapper, with the planes kept apart (two, z = -1 and z = +1, times the energy
+    channels): c[b, p, k] = mean_{y,x} planes[b, p, y, x] * U[p, k, y] * V[p, k, x];
+    embedding = Linear(LN(c)).
 
     A mean rather than a sum keeps the features' scale independent of the surface size.
     """
 
-    def __init__(self, embed_dim: int, height: int, width: int, rank: int):
+    def __init__(self, embed_dim: int, height: int, width: int, rank: int, planes: int = 2):
         super().__init__()
-        self.row_factors = nn.Parameter(torch.randn(2, rank, height))
-        self.col_factors = nn.Parameter(torch.randn(2, rank, width))
-        self.norm = nn.LayerNorm(2 * rank)
-        self.out = nn.Linear(2 * rank, embed_dim)
+        self.row_factors = nn.Parameter(torch.randn(planes, rank, height))
+        self.col_factors = nn.Parameter(torch.randn(planes, rank, width))
+        self.norm = nn.LayerNorm(planes * rank)
+        self.out = nn.Linear(planes * rank, embed_dim)
         # Start with outputs of norm ~1, a unit embedding's: beside a skip path the lattice begins as
         # a correction of the input rather than drowning it (the default init gives norm ~sqrt(E/3)).
-        nn.init.normal_(self.out.weight, std=(2 * rank * embed_dim) ** -0.5)
+        nn.init.normal_(self.out.weight, std=(planes * rank * embed_dim) ** -0.5)
         nn.init.zeros_(self.out.bias)
 
     def forward(self, planes: Tensor) -> Tensor:
@@ -207,7 +223,7 @@ class Collector(nn.Module):
 @dataclass
 class LatticeOutput:
     embedding: Tensor          # (B, E) predicted target embedding
-    planes: Tensor             # (B, 2, H, W) energy deposited on z = -1 (0) and z = +1 (1)
+    planes: Tensor             # (B, 2e, H, W) energy deposited on z = -1 (its e channels first) and z = +1
     stats: FlowStats
     trace: FlowTrace | None
     lattice_only: Tensor       # (B, E) the collector's output: the prediction without the skip path
@@ -218,12 +234,14 @@ class EnergyLattice(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg = cfg.resolved()
+        e = cfg.energy_channels
         self.mapper = InputMapper(cfg.embed_dim, cfg.height, cfg.width, cfg.mapper_rank, cfg.mapper_dropout,
-                                  cfg.energy_init_spread, cfg.mapper_layer_norm)
-        self.neuron = SimpleNeuron(cfg.neuron_hidden, cfg.neuron_features)
+                                  cfg.energy_init_spread, cfg.mapper_layer_norm, channels=e)
+        self.neuron = SimpleNeuron(cfg.neuron_hidden, cfg.neuron_features, energy_channels=e)
         self.carrier = EnergyCarrier(cfg.neuron_features, cfg.carrier_hidden, cfg.carrier_layers,
-                                     cfg.energy_update, cfg.plane_split, cfg.split_energy_gain)
-        self.collector = Collector(cfg.embed_dim, cfg.height, cfg.width, cfg.collector_rank)
+                                     cfg.energy_update, cfg.plane_split, cfg.split_energy_gain, energy_channels=e,
+                                     field_channels=cfg.field_channels if cfg.interaction == "field" else 0)
+        self.collector = Collector(cfg.embed_dim, cfg.height, cfg.width, cfg.collector_rank, planes=2 * e)
         # pred = skip_scale * embedding + collector(planes). The scale is a single learned number, so
         # the skip path alone can never be better than the identity baseline.
         self.skip_scale = nn.Parameter(torch.ones(())) if cfg.skip else None
@@ -233,22 +251,22 @@ class EnergyLattice(nn.Module):
         dtype = _AUTOCAST_DTYPES.get(self.cfg.precision)
         return torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext()
 
-    def _dense_step(self, pos: Tensor, energy: Tensor, hidden: Tensor
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    def _dense_step(self, pos: Tensor, energy: Tensor, hidden: Tensor, context: Tensor | None
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         with self._autocast(pos.device.type):
             features = self.neuron(pos, energy)
-            hidden, new_energy, move, split = self.carrier(features, energy, hidden)
-        # Positions, energies and splatting stay fp32 whatever the autocast dtype.
+            hidden, new_energy, move, split, message = self.carrier(features, energy, hidden, context)
+        # Positions, energies, splatting and the field stay fp32 whatever the autocast dtype.
         return (hidden.to(self.hidden_dtype), new_energy.float(), move.float(),
-                None if split is None else split.float())
+                None if split is None else split.float(), None if message is None else message.float())
 
-    def _step(self, pos: Tensor, energy: Tensor, hidden: Tensor
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    def _step(self, pos: Tensor, energy: Tensor, hidden: Tensor, context: Tensor | None
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         if self.cfg.activation_checkpointing and torch.is_grad_enabled():
             # The dense step has no randomness, so there is no RNG state to stash and restore.
-            return checkpoint(self._dense_step, pos, energy, hidden, use_reentrant=False,
+            return checkpoint(self._dense_step, pos, energy, hidden, context, use_reentrant=False,
                               preserve_rng_state=False)
-        return self._dense_step(pos, energy, hidden)
+        return self._dense_step(pos, energy, hidden, context)
 
     def forward(self, embedding: Tensor, *, trace: bool = False) -> LatticeOutput:
         embedding = embedding.float()
@@ -265,15 +283,18 @@ def flow_step_flops(cfg: ModelConfig) -> int:
     """Matmul FLOPs of one active flow in one flow step: the carrier's GRU layers and its heads.
 
     A GRU layer computes three gates, each from its input and its state: 3 matmuls of (in + Hc) x Hc,
-    i.e. 2 * 3 * Hc * (in + Hc) FLOPs (2 per multiply-add), with in = neuron_features + 1 (features
-    and energy) for layer 0 and in = Hc above it. The heads (energy, move, and the gate and split heads where on) add 2 * Hc per output.
-    Left out: the SimpleNeuron (~1k FLOPs, under 0.1% at debug size) and all elementwise gate math.
+    i.e. 2 * 3 * Hc * (in + Hc) FLOPs (2 per multiply-add), with in = neuron_features + e (features
+    and energy; + 2 x field_channels read from the interaction field) for layer 0 and in = Hc above
+    it. The heads (energy, move, and the gate, split and message heads where on) add 2 * Hc per output.
+    Left out: the SimpleNeuron (~1k FLOPs, under 0.1% at debug size), all elementwise gate math and
+    the field's scatter, mix and gather (elementwise, O(field_channels) per flow).
     A forward pass costs this times the sum of FlowStats.active_per_step; a training step about
     three times that (backward computes a gradient for both operands of every matmul).
     """
-    hc, inputs = cfg.carrier_hidden, cfg.neuron_features + 1
+    e, field = cfg.energy_channels, cfg.field_channels if cfg.interaction == "field" else 0
+    hc, inputs = cfg.carrier_hidden, cfg.neuron_features + e + 2 * field
     gru = sum(2 * 3 * hc * ((inputs if layer == 0 else hc) + hc) for layer in range(cfg.carrier_layers))
-    heads = 1 + 3 + (cfg.energy_update == "gated") + (cfg.plane_split == "learned")
+    heads = e + 3 + e * (cfg.energy_update == "gated") + e * (cfg.plane_split == "learned") + field
     return gru + 2 * hc * heads
 
 

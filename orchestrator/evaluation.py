@@ -108,7 +108,7 @@ def evaluate(model: EnergyLattice, val: Split, *, batch_size: int, device: torch
                 add("cosine_shortcut", skip_cosine)
             else:
                 add("cosine_shortcut", F.cosine_similarity(x.float(), y.float(), dim=-1).sum())
-            upper, lower = out.planes[:, 1], out.planes[:, 0]
+            lower, upper = out.planes.chunk(2, dim=1)  # z = -1's energy channels, then z = +1's
             add("plane_diff_mass", (upper - lower).abs().sum())
             add("upper_plane_mass", upper.abs().sum())
             add("lower_plane_mass", lower.abs().sum())

@@ -141,12 +141,12 @@ def _watch_step_dtypes(model: EnergyLattice, seen: dict[str, torch.dtype]) -> bo
     if step is None:
         return False
 
-    def watched(pos, energy, hidden):
-        new_hidden, new_energy, move, split = step(pos, energy, hidden)
+    def watched(pos, energy, hidden, context):
+        new_hidden, new_energy, move, split, message = step(pos, energy, hidden, context)
         seen.update(hidden=new_hidden.dtype, energy=new_energy.dtype, move=move.dtype)
         if split is not None:
             seen.update(split=split.dtype)
-        return new_hidden, new_energy, move, split
+        return new_hidden, new_energy, move, split, message
     model._step = watched
     return True
 

@@ -77,20 +77,26 @@ def _dtype_bytes(cfg: ModelConfig) -> tuple[int, int]:
     return compute, 2 if cfg.saved_state_dtype == "bf16" else 4
 
 
+def _field_channels(cfg: ModelConfig) -> int:
+    return cfg.field_channels if cfg.interaction == "field" else 0
+
+
 def carrier_parameter_count(cfg: ModelConfig) -> int:
-    hc, inputs = cfg.carrier_hidden, cfg.neuron_features + 1
+    e, field = cfg.energy_channels, _field_channels(cfg)
+    hc, inputs = cfg.carrier_hidden, cfg.neuron_features + e + 2 * field
     gru = sum(3 * hc * ((inputs if layer == 0 else hc) + hc) + 6 * hc for layer in range(cfg.carrier_layers))
-    head_outputs = 1 + 3 + (cfg.energy_update == "gated") + (cfg.plane_split == "learned")
+    head_outputs = e + 3 + e * (cfg.energy_update == "gated") + e * (cfg.plane_split == "learned") + field
     split_gain = int(cfg.plane_split == "learned" and cfg.split_energy_gain != 0)
     return gru + (hc + 1) * head_outputs + split_gain
 
 
 def parameter_count(cfg: ModelConfig) -> int:
     """Parameter count of EnergyLattice(cfg), from the config alone (no model is built)."""
-    mapper = cfg.embed_dim * cfg.mapper_rank + cfg.mapper_rank * (1 + cfg.height + cfg.width) + cfg.surface
-    neuron = 5 * cfg.neuron_hidden + (cfg.neuron_hidden + 1) * cfg.neuron_features
-    rank = cfg.collector_rank
-    collector = 2 * rank * (cfg.height + cfg.width) + 4 * rank + (2 * rank + 1) * cfg.embed_dim
+    e, rank = cfg.energy_channels, cfg.mapper_rank
+    mapper = (cfg.embed_dim + 1) * e * rank + rank * (cfg.height + cfg.width) + cfg.surface
+    neuron = (4 + e) * cfg.neuron_hidden + (cfg.neuron_hidden + 1) * cfg.neuron_features
+    planes, rank = 2 * e, cfg.collector_rank
+    collector = planes * rank * (cfg.height + cfg.width) + 2 * planes * rank + (planes * rank + 1) * cfg.embed_dim
     return mapper + neuron + carrier_parameter_count(cfg) + collector + int(cfg.skip)
 
 
@@ -108,13 +114,20 @@ def _terms(cfg: ModelConfig) -> dict[str, int]:
     compute, state = _dtype_bytes(cfg)
     units = cfg.carrier_hidden * cfg.carrier_layers
     # Per flow outside the carrier: the neuron's input, hidden layers and features, position,
-    # move, energy, path and the flow processor's masks and indices.
-    small = 4 * (2 * cfg.neuron_hidden + 2 * cfg.neuron_features + 40)
+    # move, energy, path and the flow processor's masks and indices; each energy channel past the
+    # first adds its value, update, split and deposits; a field adds what the flow reads (2C), its
+    # message (C) and its cell index. Not calibrated by a measured peak: counted from the tensors.
+    field = _field_channels(cfg)
+    small = 4 * (2 * cfg.neuron_hidden + 2 * cfg.neuron_features + 40 + 8 * (cfg.energy_channels - 1) + 3 * field
+                 + (2 if field else 0))
     if cfg.activation_checkpointing:
         kept, step = state * units + 4 * (3 + 1) + 8, 4 * STEP_VALUES_PER_UNIT * units + small
     else:
         kept, step = compute * (KEPT_VALUES_PER_UNIT - 1) * units + state * units + small, 0
-    return {"kept_per_flow_step": kept, "step_per_flow": step}
+    # Per sample and step, a field keeps its state, the mixed and the written field and their sums:
+    # four (C, R^3) float tensors.
+    per_sample_step = 4 * 4 * field * cfg.field_resolution ** 3
+    return {"kept_per_flow_step": kept, "step_per_flow": step, "field_per_sample_step": per_sample_step}
 
 
 def _load(cfg: ModelConfig, flows_per_sample: int | None, steps: int | None) -> tuple[int, int, int]:
@@ -146,7 +159,7 @@ def _estimate(cfg: ModelConfig, batch: int, device_type: str, flows_per_sample: 
         raise ConfigError(f"batch={batch} is out of range; it must be at least 1")
     flows, steps, flow_steps = _load(cfg, flows_per_sample, steps)
     terms = _terms(cfg)
-    kept = batch * flow_steps * terms["kept_per_flow_step"]
+    kept = batch * flow_steps * terms["kept_per_flow_step"] + batch * steps * terms["field_per_sample_step"]
     if cfg.precision != "fp32":  # autocast's low-precision copy of the carrier weights, per step
         kept += 2 * carrier_parameter_count(cfg) * (1 if cfg.activation_checkpointing else steps)
     fixed = 16 * parameter_count(cfg) + WORKING_BYTES  # fp32 weights, grads and AdamW's two moments

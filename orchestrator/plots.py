@@ -30,7 +30,8 @@ def make_plots(model: EnergyLattice, sample_embedding: torch.Tensor, losses: lis
     paths = []
 
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
-    planes = out.planes[0].float().cpu().numpy()
+    # Each plane's first energy channel (planes hold z = -1's channels, then z = +1's).
+    planes = out.planes[0].float().cpu().numpy()[::model.cfg.energy_channels]
     for ax, plane, title in zip(axes, planes, ("plane z = -1", "plane z = +1")):
         im = ax.imshow(plane, cmap="magma", origin="lower")
         ax.set_title(title)

@@ -22,9 +22,9 @@ def resolved(**overrides) -> ModelConfig:
 def mover(move_fn, energy_fn=None):
     """A step function moving flows by move_fn(pos) (in [-1, 1] per axis, scaled by the processor);
     energy passes through unchanged unless energy_fn is given."""
-    def step(pos, energy, hidden):
+    def step(pos, energy, hidden, context):
         new_energy = energy if energy_fn is None else energy_fn(pos, energy)
-        return hidden, new_energy, move_fn(pos), None  # no split: all energy to the plane reached
+        return hidden, new_energy, move_fn(pos), None, None  # no split: all energy to the plane reached
     return step
 
 
@@ -226,3 +226,51 @@ def test_a_splat_of_p_channels_puts_channel_p_on_plane_p(channels):
         alone = torch.zeros(B * H * W).index_add(0, *_splat(sample, xy.detach(), values[:, p:p + 1], H, W))
         assert torch.equal(together[:, p], alone.view(B, H, W))
     torch.testing.assert_close(together.sum((0, 2, 3)), values.sum(0))  # bilinear weights sum to 1
+
+
+# ---- energy channels and flows that meet --------------------------------------------------------
+
+def test_every_energy_channel_is_conserved_through_spawning_onto_its_own_planes():
+    cfg = resolved(spawn_threshold=0.1, max_spawn_per_step=3, max_flows_per_sample=10_000, energy_channels=3)
+    energy = torch.randn(2, 3, cfg.height, cfg.width)
+    planes, stats, _ = run(cfg, mover(diagonal_spawner), B=2, energy=energy)
+    assert stats.spawned.sum() > 0 and planes.shape == (2, 6, cfg.height, cfg.width)
+    per_channel = planes.view(2, 2, 3, cfg.height, cfg.width).sum(dim=(1, 3, 4))  # both planes of each channel
+    torch.testing.assert_close(per_channel, energy.sum(dim=(2, 3)), rtol=1e-5, atol=1e-4)
+
+
+def field_mover(cfg, seen):
+    """Moves like diagonal_spawner, passes energy through, writes 1 into the field and records what
+    each step read from it."""
+    def step(pos, energy, hidden, context):
+        seen.append(context)
+        return hidden, energy, diagonal_spawner(pos), None, torch.ones(len(pos), cfg.field_channels)
+    return step
+
+
+def test_with_flows_that_meet_every_flow_is_still_deposited_once_and_energy_is_conserved():
+    cfg = resolved(spawn_threshold=0.1, max_spawn_per_step=3, max_flows_per_sample=10_000, interaction="field",
+                   field_channels=4, field_resolution=4)
+    energy, seen = torch.randn(3, cfg.height, cfg.width), []
+    planes, stats, tr = run(cfg, field_mover(cfg, seen), B=3, energy=energy)
+    ids = torch.cat(tr.deposited_ids)
+    assert stats.spawned.sum() > 0
+    assert sorted(ids.tolist()) == list(range(tr.created_total))
+    torch.testing.assert_close(planes.sum(dim=(1, 2, 3)), energy.sum(dim=(1, 2)), rtol=1e-5, atol=1e-4)
+    # the field is empty before anyone wrote; then each flow reads its cell and the sample's mean
+    assert seen[0].shape == (3 * cfg.surface, 8) and seen[0].abs().sum() == 0
+    assert len(seen) > 1 and (seen[1][:, :4] > 0).all(), "every flow wrote 1 into the cell it reads at the next step"
+    assert (seen[1][:, 4:] > 0).all() and (seen[1][:, 4:] <= 1).all(), "the sample's mean of a field of mean messages"
+
+
+def test_gradients_reach_the_field_and_the_energy_channels():
+    torch.manual_seed(0)
+    model = EnergyLattice(preset("smoke", interaction="field", energy_channels=2, field_channels=4))
+    out = model(torch.nn.functional.normalize(torch.randn(4, 384), dim=-1))
+    assert out.planes.shape == (4, 4, 8, 8)
+    out.embedding.pow(2).sum().backward()
+    message = model.carrier.message_head.weight.grad
+    assert message is not None and message.abs().sum() > 0, "what flows write reaches the loss"
+    reads = model.carrier.gru.weight_ih_l0.grad[:, -8:]  # the GRU's columns for what a flow reads
+    assert reads.abs().sum() > 0
+    assert model.carrier.energy_head.weight.grad.shape == (2, 32)

@@ -28,11 +28,13 @@ def cli(*args, timeout=300):
                           text=True, timeout=timeout, env={**os.environ})
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_planner_parameter_counts_match_the_model(name):
+@pytest.mark.parametrize("name, switches", [(name, {}) for name in sorted(PRESETS)] + [
+    ("smoke", {"energy_channels": 3}), ("smoke", {"interaction": "field", "field_channels": 5}),
+    ("debug", {"energy_channels": 2, "interaction": "field", "energy_update": "gated"})])
+def test_planner_parameter_counts_match_the_model(name, switches):
     # The planner counts parameters from the config (it bisects over batches and must not build a
     # model per try); this keeps that formula in step with the model itself.
-    cfg = preset(name).resolved()
+    cfg = preset(name, **switches).resolved()
     with torch.device("meta"):
         model = EnergyLattice(cfg)
     assert parameter_count(cfg) == count_parameters(model)
@@ -47,6 +49,10 @@ def test_flop_counter_matches_a_hand_count():
     # the hard split has no split head; the gated update adds a gate head
     assert flow_step_flops(dataclasses.replace(cfg, plane_split="arrival")) == 192 + 192 + 32
     assert flow_step_flops(dataclasses.replace(cfg, energy_update="gated")) == 192 + 192 + 48
+    # two energy channels: one more GRU input (3 gates x 1 x 4 units x 2 = 24) and one more energy and
+    # split output each (2 x 4 x 2 = 16); a field of 2 channels: 4 more inputs read (96), 2 messages (16)
+    assert flow_step_flops(dataclasses.replace(cfg, energy_channels=2)) == 192 + 24 + 192 + 40 + 16
+    assert flow_step_flops(dataclasses.replace(cfg, interaction="field", field_channels=2)) == 192 + 96 + 192 + 40 + 16
 
 
 def test_active_flows_are_recorded_per_step():
@@ -54,8 +60,9 @@ def test_active_flows_are_recorded_per_step():
     cfg = dataclasses.replace(preset("smoke"), max_spawn_per_step=0, min_steps=1, max_steps=40).resolved()
     k = cfg.straight_path_steps()
 
-    def step(pos, energy, hidden):
-        return hidden, energy, torch.stack([0 * pos[:, 0], 0 * pos[:, 0], torch.where(pos[:, 0] < 0, 1.0, 0.5)], 1), None
+    def step(pos, energy, hidden, context):
+        return (hidden, energy, torch.stack([0 * pos[:, 0], 0 * pos[:, 0], torch.where(pos[:, 0] < 0, 1.0, 0.5)], 1),
+                None, None)
 
     B, S = 3, cfg.surface
     _, stats, _ = run_flows(torch.rand(B, cfg.height, cfg.width), step, cfg, hidden_dtype=torch.float32)
