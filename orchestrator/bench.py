@@ -216,9 +216,8 @@ def bench_preset(name: str, batch: int, device: torch.device, data: PairDataset,
         "matmul_peak_dtype": peak.dtype, "matmul_peak": asdict(peak),
         "mfu_forward": forward_gflops / peak_gflops if mfu_known else None,
         "mfu_train": train_gflops / peak_gflops if mfu_known else None,
-        "mfu_unknown_why": None if mfu_known else (
-            "the step outran the matmul peak timed in this process: other processes held the CPU "
-            "while the peak was timed (see other_processes_cpu_share)"),
+        "mfu_unknown_why": None if mfu_known else mfu_unknown_why(
+            device, step_dtype, peak_gflops, native_matmul(device, step_dtype)),
         "peak_mem_gb": peak_bytes / 2**30,
         "peak_mem_kind": "max_memory_allocated" if device.type == "cuda" else "peak RSS of the process",
         "peak_mem_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None,
@@ -227,6 +226,29 @@ def bench_preset(name: str, batch: int, device: torch.device, data: PairDataset,
         "decode_pass_s": decode_s, "decode_overhead": decode_s / median("train_step_s"),
         "other_processes_cpu_share": interference,
     }
+
+
+def native_matmul(device: torch.device, dtype: torch.dtype) -> bool | None:
+    """Whether this CPU multiplies `dtype` natively (AVX-512 BF16 / AMX / AVX-512 FP16, as torch's oneDNN
+    reports it); None where torch does not say. GPUs and fp32 count as native."""
+    if device.type != "cpu" or dtype == torch.float32:
+        return True
+    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
+    try:
+        return bool(getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+
+
+def mfu_unknown_why(device: torch.device, dtype: torch.dtype, peak_gflops: float, native: bool | None) -> str:
+    """Why a step that outran its dtype's matmul peak gets no MFU."""
+    name = str(dtype).removeprefix("torch.")
+    if native is False:
+        return (f"this CPU has no native {name} matmul (torch's oneDNN reports none): the {name} matmul timed here "
+                f"runs at {peak_gflops:.2g} GFLOP/s on an emulated path that the step's own kernels outrun, so it "
+                f"is no ceiling to divide by; train in fp32 on this CPU")
+    return ("the step outran the matmul peak timed in this process: other processes held the CPU "
+            "while the peak was timed (see other_processes_cpu_share)")
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:

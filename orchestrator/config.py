@@ -6,6 +6,7 @@ Fields are addressed by dotted paths everywhere (CLI `--set`, Tune spaces, MLflo
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,10 +25,18 @@ class TrainConfig:
 
     # --- data ---------------------------------------------------------------------------------
     data_path: str | None = knob(None, "Parquet/JSONL/CSV with input_text and target_text "
-                                       "(None: the stdlib corpus, built on first use)")
+                                       "(None: the `corpus` the project builds, on first use)")
+    corpus: str = knob("stdlib", "the corpus built and used when data_path is None: 'stdlib' (4,300 pairs, "
+                                 "standard-library signature -> docstring), 'params' (numpydoc parameters) or "
+                                 "'dictionary' (106,000 GCIDE headwords -> first sense, for studies of scale)",
+                       choices=("stdlib", "params", "dictionary"))
     teacher: str = knob(DEFAULT_TEACHER, "teacher embedding model: the shipped package, a local folder or a hub id")
     val_fraction: float = knob(0.1, "share of pairs held out for validation (split by text hash)", range="(0, 0.9]")
-    max_rows: int | None = knob(None, "use only the first rows of the dataset (quick runs)", range="[2, 2147483647]")
+    max_rows: int | None = knob(None, "use only the first rows of the dataset file, before the split (quick runs)",
+                                range="[2, 2147483647]")
+    train_rows: int | None = knob(
+        None, "train on the first this many training rows only (None: all); the validation rows stay the "
+              "same, so runs on different amounts of data compare on the same rows", range="[2, 2147483647]")
     val_max_samples: int = knob(256, "validation pairs evaluated at each validation", range="[2, 1000000]")
 
     # --- optimisation ---------------------------------------------------------------------------
@@ -86,6 +95,19 @@ def parse_sets(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def with_epochs(cfg: TrainConfig, epochs: float, rows: int, workers: int = 1) -> TrainConfig:
+    """`cfg` trained for `epochs` passes over `rows` training rows: max_steps from the samples one
+    optimizer step takes (batch x accumulation x workers), and a validation and checkpoint every
+    tenth of the run, so a run on 4x the rows is validated as often as a short one."""
+    if not 0 < epochs <= 100000:
+        raise ConfigError(f"--epochs={epochs} is out of range; allowed range (0, 100000]")
+    per_step = cfg.batch_size * cfg.grad_accum_steps * workers
+    steps = max(1, math.ceil(epochs * rows / per_step))
+    every = max(1, math.ceil(steps / 10))
+    return apply_overrides(cfg, {"max_steps": steps, "val_every": every, "checkpoint_every": every,
+                                 "decode_every": every})
+
+
 def run_tags(cfg: TrainConfig, workers: int) -> dict[str, str]:
     """The tags every tracked run carries, so runs can be filtered by them."""
     m = cfg.model
@@ -113,4 +135,4 @@ def resolved(cfg: TrainConfig) -> TrainConfig:
 
 
 __all__ = ["TrainConfig", "ConfigError", "make_config", "parse_sets", "config_from_dict", "resolved", "flatten",
-           "run_tags"]
+           "run_tags", "with_epochs"]

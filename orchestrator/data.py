@@ -4,20 +4,29 @@ A dataset is a Parquet file with columns
 
     input_text: string, target_text: string,
     input_emb, target_emb: fixed_size_list<float32>[E]     (once embedded)
+    split: string, "train" or "val"                        (optional: a split fixed by the builder)
 
 and schema metadata {"teacher": teacher_id, "embed_dim": E}. Users may also bring a JSONL or CSV
 file with just the two text columns; it is embedded with the teacher on load (through the
 teacher's on-disk cache, so only once).
 
-The project's own corpus is built from text that ships with Python (orchestrator/corpus_stdlib.py);
-`ensure_corpus` builds, embeds and writes it on first use.
+The project builds three corpora (CORPORA): the stdlib corpus from text that ships with Python
+(orchestrator/corpus_stdlib.py, the default), numpydoc parameters (corpus_params.py) and the GCIDE
+dictionary (corpus_dictionary.py, ~106,000 pairs, for studies of scale); `ensure_corpus` builds,
+embeds and writes one on first use.
 
-The train/validation split is decided per row by a hash of input_text: deterministic, stable when
-rows are reordered or appended, and rows with the same input never straddle the split.
+Without a split column, the train/validation split is decided per row by a hash of input_text:
+deterministic, stable when rows are reordered or appended, and rows with the same input never
+straddle the split. A run may train on the first `train_rows` training rows only; its validation
+rows stay the same, so runs on different amounts of data compare on the same rows.
+
+Embeddings are read from a memory-mapped file without a copy where the file holds float32, and
+subsets and shards of them are views: 100,000 rows cost their 300 MB once, however many runs read them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -27,7 +36,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .corpus_stdlib import build_stdlib_corpus, default_corpus_path
 from .files import atomic_write
 from .teacher import DEFAULT_TEACHER, Teacher
 
@@ -35,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 TEXT_COLUMNS = ("input_text", "target_text")
 EMB_COLUMNS = ("input_emb", "target_emb")  # embedding of input_text, of target_text
+SPLITS = ("train", "val")
 
 
 class DatasetError(ValueError):
@@ -50,35 +59,77 @@ def _fixed_size_list(emb: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1])
 
 
-def write_corpus(path, teacher: Teacher, pairs: list[tuple[str, str]] | None = None) -> Path:
-    """Build (unless pairs are given), embed with the teacher and write an embedded dataset."""
+def write_corpus(path, teacher: Teacher, pairs: list[tuple[str, str]], splits: list[str] | None = None) -> Path:
+    """Embed the pairs with the teacher and write them as a dataset; `splits` ("train"/"val" per
+    pair) fixes the split in the file, where a builder decides it."""
     path = Path(path)
-    if pairs is None:
-        pairs = build_stdlib_corpus()
     inputs = [p[0] for p in pairs]
     targets = [p[1] for p in pairs]
-    emb = teacher.embed(inputs + targets)  # one call: one pass through the batches, one cache file
-    table = pa.table(
-        {
-            "input_text": pa.array(inputs, pa.string()),
-            "target_text": pa.array(targets, pa.string()),
-            "input_emb": _fixed_size_list(emb[: len(inputs)]),
-            "target_emb": _fixed_size_list(emb[len(inputs) :]),
-        }
-    ).replace_schema_metadata({"teacher": teacher.teacher_id, "embed_dim": str(teacher.embed_dim)})
+    emb = teacher.embed(inputs + targets)  # one call: one pass through the batches, one progress line
+    columns = {
+        "input_text": pa.array(inputs, pa.string()),
+        "target_text": pa.array(targets, pa.string()),
+        "input_emb": _fixed_size_list(emb[: len(inputs)]),
+        "target_emb": _fixed_size_list(emb[len(inputs) :]),
+    }
+    if splits is not None:
+        columns["split"] = pa.array(splits, pa.string())
+    table = pa.table(columns).replace_schema_metadata({"teacher": teacher.teacher_id,
+                                                       "embed_dim": str(teacher.embed_dim)})
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
     logger.info("wrote %d pairs embedded by %s to %s", len(pairs), teacher.teacher_id, path)
     return path
 
 
-def ensure_corpus(path=None, teacher: Teacher | None = None) -> Path:
-    """Path of the embedded stdlib corpus, building it first if the file does not exist."""
+def _stdlib() -> tuple[list[tuple[str, str]], None]:
+    from .corpus_stdlib import build_stdlib_corpus
+    return build_stdlib_corpus(), None
+
+
+def _params() -> tuple[list[tuple[str, str]], None]:
+    from .corpus_params import build_parameter_corpus
+    return build_parameter_corpus(), None
+
+
+def _dictionary(max_pairs: int | None = None) -> tuple[list[tuple[str, str]], list[str]]:
+    from .corpus_dictionary import build_dictionary_corpus
+    return build_dictionary_corpus(max_pairs)
+
+
+# The corpora the project builds: name -> (file stem in the cache, builder of (pairs, splits or None)).
+CORPORA = {
+    "stdlib": ("stdlib_pairs", _stdlib),            # name and signature -> docstring's first sentence
+    "params": ("numpydoc_params", _params),         # numpydoc parameter -> its description
+    "dictionary": ("dictionary_pairs", _dictionary),  # GCIDE headword (part of speech) -> first sense
+}
+
+
+def corpus_path(corpus: str = "stdlib", teacher_id: str = DEFAULT_TEACHER, max_pairs: int | None = None) -> Path:
+    """Where a built corpus is cached (one file per teacher, and per size where it is capped)."""
+    from .corpus_common import corpus_cache_path
+    stem = CORPORA[corpus][0] + (f"_{max_pairs}" if max_pairs else "")
+    return corpus_cache_path(stem, teacher_id)
+
+
+def build_corpus(corpus: str, teacher: Teacher, path=None, max_pairs: int | None = None) -> Path:
+    """Build, embed and write a corpus (`max_pairs`: at most that many training pairs, dictionary only)."""
+    if corpus not in CORPORA:
+        raise DatasetError(f"unknown corpus {corpus!r}; choose one of {', '.join(CORPORA)}")
+    builder = CORPORA[corpus][1]
+    if max_pairs is not None and corpus != "dictionary":
+        raise DatasetError(f"--max-pairs applies to the dictionary corpus only, not to {corpus!r}")
+    pairs, splits = builder(max_pairs) if max_pairs is not None else builder()
+    return write_corpus(path or corpus_path(corpus, teacher.teacher_id, max_pairs), teacher, pairs, splits)
+
+
+def ensure_corpus(path=None, teacher: Teacher | None = None, corpus: str = "stdlib") -> Path:
+    """Path of an embedded corpus (the stdlib one by default), building it first if the file does not exist."""
     if path is None:
-        path = default_corpus_path(teacher.teacher_id if teacher is not None else DEFAULT_TEACHER)
+        path = corpus_path(corpus, teacher.teacher_id if teacher is not None else DEFAULT_TEACHER)
     path = Path(path)
     if path.exists():
         return path
-    return write_corpus(path, teacher if teacher is not None else Teacher())
+    return build_corpus(corpus, teacher if teacher is not None else Teacher(), path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -94,6 +145,10 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.input_texts)
+
+    def view(self, rows: slice) -> "Split":
+        """The rows of a slice (with a step, as shards take them), sharing the embeddings' memory."""
+        return Split(self.input_texts[rows], self.target_texts[rows], self.input_emb[rows], self.target_emb[rows])
 
     def take(self, rows) -> "Split":
         rows = np.asarray(rows, dtype=np.int64)
@@ -119,7 +174,7 @@ def _read_table(path: Path) -> pa.Table:
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":
-            return pq.read_table(path)
+            return pq.read_table(path, memory_map=True)
         if suffix == ".jsonl":
             import pyarrow.json as pjson
 
@@ -203,18 +258,26 @@ def _embedding_column(table: pa.Table, name: str, path: Path, expected_dim: int 
     values = column.flatten()  # respects slicing, unlike .values
     if values.null_count:
         raise DatasetError(f"{path}: column {name!r} has null values inside embeddings")
-    emb = values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, dim)
+    emb = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, dim)
     bad_rows = int((~np.isfinite(emb)).any(axis=1).sum())
     if bad_rows:
         raise DatasetError(f"{path}: column {name!r} has NaN/inf embeddings in {bad_rows} rows")
     return emb
 
 
-def _in_val(text: str, val_fraction: float) -> bool:
-    # First 8 bytes of sha256 as a uniform number in [0, 1): the same text always lands in the
-    # same split, whatever the row order or the Python hash seed.
-    digest = hashlib.sha256(text.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64 < val_fraction
+def hash_share(text: str) -> float:
+    """The first 8 bytes of sha256 as a uniform number in [0, 1): the same text always lands in the
+    same split, whatever the row order or the Python hash seed."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def _split_column(table: pa.Table, path: Path) -> np.ndarray:
+    """The builder's split as a boolean "is validation" per row."""
+    values = table.column("split").cast(pa.string()).to_pylist()
+    unknown = sorted({v for v in values if v not in SPLITS}, key=str)
+    if unknown:
+        raise DatasetError(f"{path}: column 'split' holds {unknown[:3]}; allowed values: {', '.join(SPLITS)}")
+    return np.array([v == "val" for v in values], dtype=bool)
 
 
 def load_dataset(
@@ -274,20 +337,36 @@ def load_dataset(
     teacher_id = file_teacher or (teacher.teacher_id if teacher is not None else "unknown")
 
     everything = Split(inputs, targets, emb["input_emb"], emb["target_emb"])
-    is_val = np.array([_in_val(t, val_fraction) for t in inputs], dtype=bool)
+    if "split" in table.column_names:
+        is_val = _split_column(table, path)
+    else:
+        is_val = np.array([hash_share(t) < val_fraction for t in inputs], dtype=bool)
     train, val = everything.take(np.flatnonzero(~is_val)), everything.take(np.flatnonzero(is_val))
     for split_name, split in (("train", train), ("validation", val)):
         if len(split) == 0:
+            how = "its split column" if "split" in table.column_names else f"val_fraction={val_fraction}"
             raise DatasetError(
-                f"{path}: {split_name} split is empty ({table.num_rows} rows, val_fraction={val_fraction}); "
+                f"{path}: {split_name} split is empty ({table.num_rows} rows, {how}); "
                 f"use more rows or another val_fraction"
             )
     return PairDataset(train=train, val=val, teacher=teacher_id, embed_dim=int(embed_dim))
 
 
 def validation_rows(data: PairDataset, max_rows: int) -> Split:
-    """The rows validation uses: the first `max_rows` of the validation split."""
-    return data.val.take(range(min(len(data.val), max_rows)))
+    """The rows validation uses: the first `max_rows` of the validation split, whatever the amount of
+    training data, so its cost does not grow with the data and every run compares on the same rows."""
+    return data.val.view(slice(0, max_rows))
+
+
+def training_rows(data: PairDataset, rows: int | None) -> PairDataset:
+    """The dataset with its first `rows` training rows only (None: all of them); validation unchanged."""
+    if rows is None:
+        return data
+    if rows > len(data.train):
+        from model.config import ConfigError
+        raise ConfigError(f"train_rows={rows} is more than the {len(data.train)} training rows of the dataset; "
+                          f"allowed range [2, {len(data.train)}] here")
+    return dataclasses.replace(data, train=data.train.view(slice(0, rows)))
 
 
 def shard(split: Split, rank: int, world_size: int) -> Split:
@@ -297,4 +376,4 @@ def shard(split: Split, rank: int, world_size: int) -> Split:
     data-parallel workers each read only their own rows. Shard sizes differ by at most one row."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    return split.take(np.arange(rank, len(split), world_size))
+    return split.view(slice(rank, None, world_size))

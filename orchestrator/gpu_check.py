@@ -1,4 +1,5 @@
-"""`python -m orchestrator gpu-check`: prove the GPU paths in one short run (under 8 minutes on one H100).
+"""`python -m orchestrator gpu-check`: prove the GPU paths in one short run (its parts' time limits add up
+to 8 minutes; no GPU run of it is on record yet: docs/results/ keeps every one that is made).
 
 Built for a bare GPU machine with torch, numpy, pyarrow, pyyaml, sacrebleu and matplotlib, and no
 Ray, MLflow, teacher package or network: it imports only `model/` and the parts of `orchestrator/`
@@ -14,15 +15,17 @@ Six parts, each under its own time limit and try/except, so one failure does not
     train_resume  train_loop in bf16 and fp16, 8 steps, checkpoint at 4, resumed from 4: the same
                   losses within RESUME_TOLERANCE (deterministic mode); fp16 resumed from a bf16
                   checkpoint; a NaN loss ends `diverged`
-    ddp           two processes on the one device over gloo, DDP as Ray Train wraps it: no reducer
-                  error, identical parameters after 3 steps
+    ddp           DDP as Ray Train wraps it: over NCCL on GPUs (two ranks on two GPUs; with one GPU,
+                  NCCL in a one-rank group plus two ranks sharing it over gloo), over gloo on the CPU:
+                  no reducer error, a correct all_reduce, identical parameters after 3 steps
     planner       the planner's estimate against max_memory_allocated / max_memory_reserved for
                   scale-150 and scale-300 at the batch it picks for 22 GiB, with and without
                   expandable segments (CPU: the smoke preset against peak RSS)
     bench         debug, experiment and scale-300 at batch 1 in bf16-mixed: step time, peak memory,
                   MFU against the bf16 matmul peak; targets: scale-300 step < 5 s in < 24 GB
 
-It prints one table and writes one JSON (`--json`) with every figure and the machine.
+It prints one table and writes one JSON (`--json`) with every figure, the machine, the date and the
+code version, rewritten after every part, so a check stopped from outside keeps what it found.
 `--device cpu --quick` runs the CI-sized version of every part a CPU can run.
 """
 from __future__ import annotations
@@ -65,7 +68,7 @@ CHECKPOINT_GRAD_TOLERANCE = 1e-4
 PLANNER_BUDGET = 22 * GiB
 TARGET_STEP_S, TARGET_MEMORY_GB = 5.0, 24.0  # scale-300 at batch 1 on one GPU
 # Seconds each part may take on a GPU; together under 8 minutes with the start-up.
-TIME_LIMITS_S = {"precision": 45, "host_syncs": 25, "train_resume": 75, "ddp": 60, "planner": 150, "bench": 95}
+TIME_LIMITS_S = {"precision": 45, "host_syncs": 25, "train_resume": 75, "ddp": 90, "planner": 150, "bench": 95}
 PARTS = tuple(TIME_LIMITS_S)
 # --quick on a CPU takes seconds per part; its limits only stop a hang, on a machine that may be busy.
 QUICK_TIME_LIMIT_S = 300
@@ -311,34 +314,73 @@ def _loss_gap(straight: dict[int, float], resumed: dict[int, float]) -> float:
     return max((abs(straight[s] - resumed[s]) for s in resumed if s in straight), default=float("inf"))
 
 
+def _weights_moved(before: Path, after: Path) -> float:
+    """The largest change of any model weight between two checkpoints: 0 means no update was applied
+    between them (an fp16 GradScaler that skipped every step, say), so equal losses prove nothing."""
+    from .checkpoint import load_checkpoint
+    a, b = load_checkpoint(before)["model"], load_checkpoint(after)["model"]
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].numel())
+
+
+def _check_cuda_rng_restore(problems: list[str]) -> dict[str, Any]:
+    """A rank's CUDA RNG state goes back onto the GPU the rank trains on after a restart, which may
+    be another GPU than the one that saved it (with two GPUs here, it is restored onto the other)."""
+    from .train import _rng_state, _set_rng_state
+    saved_on = torch.device("cuda", torch.cuda.current_device())
+    saved = _rng_state(saved_on)
+    torch.rand(4, device=saved_on)  # the generator moves on, as training would
+    others = [torch.device("cuda", i) for i in range(torch.cuda.device_count()) if i != saved_on.index]
+    restored_on = others[0] if others else saved_on
+    left_alone = torch.cuda.get_rng_state(saved_on) if others else None
+    _set_rng_state(saved, restored_on)
+    ok = torch.equal(torch.cuda.get_rng_state(restored_on), saved["cuda"]) and (
+        left_alone is None or torch.equal(torch.cuda.get_rng_state(saved_on), left_alone))
+    if not ok:
+        problems.append(f"CUDA RNG state saved on {saved_on} was not restored onto {restored_on} alone")
+    return {"saved_on": str(saved_on), "restored_on": str(restored_on), "ok": ok}
+
+
 def part_train_resume(env: CheckEnv, figures: dict[str, Any]) -> tuple[bool, str]:
     problems: list[str] = []
     figures.update(tolerance=RESUME_TOLERANCE, deterministic=True, problems=problems)
-    middle = Path("checkpoints") / "step_00000004"
+    middle, final = Path("checkpoints") / "step_00000004", Path("checkpoints") / "step_00000008"
     # CI-sized: fp16's own resume is left to the GPU; the fp16 run resumed from bf16 below still runs.
     for precision in ("bf16-mixed",) if env.quick else ("bf16-mixed", "fp16-mixed"):
         short = precision.split("-")[0]
         straight, straight_losses, straight_out = _train_run(env, f"{short}-straight", precision)
-        resumed, resumed_losses, _ = _train_run(env, f"{short}-resumed", precision,
-                                                resume_from=straight_out / middle)
+        resumed, resumed_losses, resumed_out = _train_run(env, f"{short}-resumed", precision,
+                                                          resume_from=straight_out / middle)
         gap = _loss_gap(straight_losses, resumed_losses)
         figures[short] = {"status": straight["status"], "resumed_status": resumed["status"],
                           "losses": straight_losses, "resumed_losses": resumed_losses, "max_loss_gap": gap}
         if straight["status"] != "completed" or resumed["status"] != "completed":
             problems.append(f"{short}: status {straight['status']} / resumed {resumed['status']}")
-        elif sorted(resumed_losses) != [5, 6, 7, 8] or gap > RESUME_TOLERANCE:
+            continue
+        if sorted(resumed_losses) != [5, 6, 7, 8] or gap > RESUME_TOLERANCE:
             problems.append(f"{short}: resumed losses differ by {gap:.2e} (tolerance {RESUME_TOLERANCE:g})")
+        # Equal losses prove an exact resume only if the steps after the checkpoint changed the weights.
+        moved = _weights_moved(straight_out / middle, resumed_out / final)
+        figures[short]["weights_moved_after_resume"] = moved
+        if moved == 0:
+            problems.append(f"{short}: no update was applied in steps 5-8 after the resume (weights unchanged)")
 
-    changed, _, _ = _train_run(env, "fp16-from-bf16", "fp16-mixed",
-                               resume_from=env.workdir / "train" / "bf16-straight" / middle)
+    bf16_middle = env.workdir / "train" / "bf16-straight" / middle
+    changed, _, changed_out = _train_run(env, "fp16-from-bf16", "fp16-mixed", resume_from=bf16_middle)
     figures["fp16_resumed_from_bf16"] = changed["status"]
     if changed["status"] != "completed":
         problems.append(f"fp16 resumed from a bf16 checkpoint ended {changed['status']}")
+    else:  # the fresh loss scale may skip the first steps; by step 8 an update must have gone through
+        figures["fp16_from_bf16_weights_moved"] = _weights_moved(bf16_middle, changed_out / final)
+        if figures["fp16_from_bf16_weights_moved"] == 0:
+            problems.append("fp16 resumed from a bf16 checkpoint applied no update in steps 5-8")
 
     diverged, _, _ = _train_run(env, "nan", "bf16-mixed", max_steps=6, faults=Faults(nan_loss_at_step=3))
     figures["nan_injection"] = {"status": diverged["status"], "steps": diverged["steps"]}
     if diverged["status"] != "diverged" or diverged["steps"] != 2:
         problems.append(f"NaN at step 3 ended {diverged['status']} after {diverged['steps']} steps")
+
+    if env.device.type == "cuda":
+        figures["cuda_rng_restore"] = _check_cuda_rng_restore(problems)
 
     if env.device.type == "cuda":  # what deterministic mode buys: the drift without it (not judged)
         _, loose_losses, loose_out = _train_run(env, "bf16-loose", "bf16-mixed", deterministic=False)
@@ -355,7 +397,7 @@ def part_train_resume(env: CheckEnv, figures: dict[str, Any]) -> tuple[bool, str
 
 
 # ------------------------------------------------------------------------------------------------
-# Part 4: two DDP processes on one device over gloo
+# Part 4: DDP as Ray Train runs it: NCCL on GPUs, gloo on the CPU
 
 DDP_STEPS = 3
 
@@ -370,8 +412,22 @@ def _ddp_config(device_type: str) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _ddp_worker(rank: int, world_size: int, rendezvous: str, device_type: str, config: dict[str, Any],
-                shards: list[PairDataset], out_dir: str) -> None:
+def ddp_runs(device_type: str, gpus: int) -> list[tuple[str, int, bool]]:
+    """The DDP runs the part makes: (backend, ranks, one GPU per rank).
+
+    Ray Train's workers on GPUs talk over NCCL, one GPU each; that is the run to make where there
+    are two GPUs. NCCL refuses two ranks on one GPU, so on a one-GPU machine NCCL runs in a one-rank
+    group (its communicator, an all_reduce and DDP's NCCL reducer), and two ranks sharing the GPU
+    over gloo check that the ranks stay identical. On the CPU: gloo, as Ray Train uses there."""
+    if device_type != "cuda":
+        return [("gloo", 2, False)]
+    if gpus >= 2:
+        return [("nccl", 2, True)]
+    return [("nccl", 1, True), ("gloo", 2, False)]
+
+
+def _ddp_worker(rank: int, world_size: int, rendezvous: str, device_type: str, backend: str, gpu_per_rank: bool,
+                config: dict[str, Any], shards: list[PairDataset], out_dir: str) -> None:
     """One rank: train_loop with DDP wrapped as Ray Train wraps it, then its parameters to a file."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -380,63 +436,88 @@ def _ddp_worker(rank: int, world_size: int, rendezvous: str, device_type: str, c
     from .train import train_loop
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
+    device = torch.device("cuda", rank if gpu_per_rank else 0) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL binds each rank to the current device
+    dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
 
     class SpawnContext(RunContext):
         model = None
 
         def device(self, requested):
-            return torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
+            return device
 
         def wrap_model(self, model):
             self.model = model
-            return DistributedDataParallel(model, device_ids=[0] if device_type == "cuda" else None)
+            return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     ctx = SpawnContext()
     ctx.rank, ctx.world_size = rank, world_size
     try:
+        reduced = torch.full((1,), float(rank + 1), device=device)
+        dist.all_reduce(reduced)  # a collective of the backend itself, besides DDP's gradient all_reduce
         summary = train_loop(config, ctx, None, data=shards[rank])
         params = torch.cat([p.detach().float().cpu().reshape(-1) for p in ctx.model.parameters()])
-        torch.save({"params": params, "status": summary["status"], "steps": summary["steps"]},
-                   Path(out_dir) / f"rank{rank}.pt")
+        torch.save({"params": params, "status": summary["status"], "steps": summary["steps"],
+                    "all_reduce": float(reduced.item())}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def part_ddp(env: CheckEnv, figures: dict[str, Any]) -> tuple[bool, str]:
+def _ddp_run(env: CheckEnv, backend: str, world_size: int, gpu_per_rank: bool, out: Path) -> dict[str, Any]:
+    """One DDP run of DDP_STEPS steps; what each rank ended with."""
     import torch.multiprocessing as mp
 
     from .config import config_from_dict
     from .train import worker_shards
 
-    out = env.workdir / "ddp"
     out.mkdir(parents=True, exist_ok=True)
     config = _ddp_config(env.device.type)
-    shards = worker_shards(env.data, 2, config["val_max_samples"])
-    processes = mp.spawn(_ddp_worker, args=(2, str(out / "rendezvous"), env.device.type, config, shards, str(out)),
-                         nprocs=2, join=False)
+    shards = worker_shards(env.data, world_size, config["val_max_samples"])
+    processes = mp.spawn(_ddp_worker, args=(world_size, str(out / "rendezvous"), env.device.type, backend,
+                                            gpu_per_rank, config, shards, str(out)), nprocs=world_size, join=False)
     try:
         while not processes.join(timeout=1):  # short waits, so the part's time limit can interrupt
             pass
     except mp.ProcessRaisedException as e:  # its message is the rank's whole traceback: keep the error
         lines = [line for line in str(e).strip().splitlines() if line.strip()]
-        raise RuntimeError(f"a DDP rank failed: {lines[-1] if lines else e}") from None
+        raise RuntimeError(f"a DDP rank ({backend}) failed: {lines[-1] if lines else e}") from None
     finally:
         for p in processes.processes:
             if p.is_alive():
                 p.kill()
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
     torch.manual_seed(config_from_dict(config).seed)
     initial = torch.cat([p.detach().reshape(-1) for p in EnergyLattice(config_from_dict(config).model).parameters()])
-    same = torch.equal(ranks[0]["params"], ranks[1]["params"])
+    gap = max(float((r["params"] - ranks[0]["params"]).abs().max()) for r in ranks)
     moved = float((ranks[0]["params"] - initial).abs().max())
-    figures.update(statuses=[r["status"] for r in ranks], steps=[r["steps"] for r in ranks],
-                   identical_parameters=same, max_change_from_init=moved,
-                   max_rank_difference=float((ranks[0]["params"] - ranks[1]["params"]).abs().max()))
-    ok = same and moved > 0 and all(r["status"] == "completed" and r["steps"] == DDP_STEPS for r in ranks)
-    summary = (f"2 ranks, gloo, {DDP_STEPS} steps: parameters {'identical' if same else 'DIFFER'} "
-               f"(rank gap {figures['max_rank_difference']:.1e}), moved {moved:.1e} from init")
-    return ok, summary
+    expected_sum = world_size * (world_size + 1) / 2
+    run = {"backend": backend, "ranks": world_size, "gpu_per_rank": gpu_per_rank,
+           "statuses": [r["status"] for r in ranks], "steps": [r["steps"] for r in ranks],
+           "identical_parameters": gap == 0, "max_rank_difference": gap, "max_change_from_init": moved,
+           "all_reduce_correct": all(r["all_reduce"] == expected_sum for r in ranks)}
+    run["ok"] = (run["identical_parameters"] and moved > 0 and run["all_reduce_correct"]
+                 and all(r["status"] == "completed" and r["steps"] == DDP_STEPS for r in ranks))
+    return run
+
+
+def part_ddp(env: CheckEnv, figures: dict[str, Any]) -> tuple[bool, str]:
+    gpus = torch.cuda.device_count() if env.device.type == "cuda" else 0
+    runs: list[dict[str, Any]] = []
+    figures.update(gpus=gpus, runs=runs)
+    for backend, world_size, gpu_per_rank in ddp_runs(env.device.type, gpus):
+        runs.append(_ddp_run(env, backend, world_size, gpu_per_rank, env.workdir / f"ddp-{backend}-{world_size}"))
+    if runs and runs[-1]["ranks"] > 1:  # the figures the two-rank check is read by
+        figures.update(identical_parameters=runs[-1]["identical_parameters"],
+                       max_change_from_init=runs[-1]["max_change_from_init"])
+    summary = "; ".join(
+        f"{r['backend']} {r['ranks']} rank{'s' if r['ranks'] > 1 else ''}"
+        f"{' (one GPU each)' if r['gpu_per_rank'] and r['ranks'] > 1 else ''}, {DDP_STEPS} steps: "
+        + ("parameters " + ("identical" if r["identical_parameters"] else "DIFFER")
+           + f" (rank gap {r['max_rank_difference']:.1e}), " if r["ranks"] > 1 else "")
+        + f"moved {r['max_change_from_init']:.1e} from init, all_reduce {'ok' if r['all_reduce_correct'] else 'WRONG'}"
+        for r in runs)
+    return all(r["ok"] for r in runs), summary
 
 
 # ------------------------------------------------------------------------------------------------
@@ -595,8 +676,10 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 def run_gpu_check(device: str = "cuda", *, quick: bool = False, data_path: str | None = None,
                   parts: list[str] | None = None, workdir: str | Path | None = None,
-                  progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the parts (all by default) and return {"machine", "device", "quick", "parts", "passed"}."""
+                  progress: Callable[[str], None] = print, json_path: str | Path | None = None) -> dict[str, Any]:
+    """Run the parts (all by default) and return {"machine", "device", "quick", "parts", "passed",
+    "complete", ...}. With `json_path`, the result so far is written there after every part, so an
+    outer time limit that stops the check keeps every part that finished ("complete": false)."""
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
@@ -608,20 +691,42 @@ def run_gpu_check(device: str = "cuda", *, quick: bool = False, data_path: str |
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     data = check_data(data_path, quick)
     started = time.monotonic()
-    results = []
+    wanted = list(parts or PARTS)
+    results: list[PartResult] = []
+    machine, started_at = machine_info(dev), time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    from .code_version import code_version_tags
+    code = code_version_tags()  # which code these figures are of
+
+    def report() -> dict[str, Any]:
+        done = [r.name for r in results]
+        return {"machine": machine, "code": code, "device": str(dev), "quick": quick, "started_at": started_at,
+                "data": data_path or "synthetic unit vectors", "wall_s": time.monotonic() - started,
+                "passed": all(r.status in ("pass", "skip") for r in results) and done == wanted,
+                "complete": done == wanted, "parts_pending": wanted[len(done):],
+                "parts": {r.name: dataclasses.asdict(r) for r in results}}
+
     with contextlib.ExitStack() as stack:
         root = Path(workdir) if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpu-check-")))
         env = CheckEnv(dev, quick, data, root)
-        for name in parts or PARTS:
+        if json_path:
+            write_report(json_path, report())
+        for name in wanted:
             limit = QUICK_TIME_LIMIT_S if quick else TIME_LIMITS_S[name]
             progress(f"gpu-check: {name} (limit {limit} s) ...")
             result = run_part(name, env, limit)
             progress(f"gpu-check: {name} {result.status} in {result.seconds:.1f} s")
             results.append(result)
-    return {"machine": machine_info(dev), "device": str(dev), "quick": quick,
-            "data": data_path or "synthetic unit vectors", "wall_s": time.monotonic() - started,
-            "passed": all(r.status in ("pass", "skip") for r in results),
-            "parts": {r.name: dataclasses.asdict(r) for r in results}}
+            if json_path:
+                write_report(json_path, report())
+    return report()
+
+
+def write_report(path: str | Path, result: dict[str, Any]) -> Path:
+    """The check's result as JSON, replaced whole (a reader never sees half a file)."""
+    import json
+
+    from .files import atomic_write
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(result, indent=2, default=str) + "\n"))
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -4,7 +4,7 @@ memory, and the peak memory this process used.
     available_memory_bytes(device)     free GPU memory, or MemAvailable capped by the cgroup limit
     keep_freed_memory()                glibc keeps freed blocks for reuse (faster, bigger heap)
     use_expandable_segments()          the CUDA caching allocator grows segments in place
-    reset_peak_memory(device)          start the peak counter again
+    reset_peak_memory(device)          start the peak counter again (training: once per log line)
     peak_memory_bytes(device)          max_memory_allocated on CUDA, peak RSS (VmHWM) on CPU
 
 The planner's estimate (planner.py) predicts what peak_memory_bytes reads; memory_measure.py runs
@@ -98,13 +98,16 @@ def use_expandable_segments() -> str:
         return f"expandable segments unavailable ({e})"
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Start the peak-memory counter again from what is in use now."""
+def reset_peak_memory(device: torch.device, *, return_freed_memory: bool = True) -> None:
+    """Start the peak-memory counter again from what is in use now. On CPU, `return_freed_memory`
+    first hands glibc's freed heap back, so the peak starts from live memory (what a measurement
+    wants; a training loop that keeps freed memory on purpose passes False)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
-    try:  # hand freed heap back first, so the peak starts from live memory
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    try:
+        if return_freed_memory:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
     try:  # Linux: "5" resets the process's peak RSS (VmHWM) to its current RSS

@@ -3,7 +3,7 @@
     python -m orchestrator bench-quality --preset debug --steps 1000 [--data PATH] [--json out.json]
 
 trains with the one training loop in this process (no Ray, no MLflow), then evaluates the final
-model on the run's validation rows and prints one table:
+model on the run's validation rows, on the device it trained on, and prints one table:
 
     lattice          the model's prediction (skip path + lattice path where the skip is on)
     lattice alone    the collector's output alone: what the lattice itself predicts
@@ -21,8 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from .checkpoint import load_model
 from .config import TrainConfig
@@ -69,9 +67,11 @@ def run_quality_bench(cfg: TrainConfig, data: PairDataset | None = None) -> dict
         started = time.perf_counter()
         summary = train_loop(cfg, ctx, data=data)
         train_seconds = time.perf_counter() - started  # validations included
-        model = load_model(summary["checkpoint"])
+        # Evaluated where it trained (the device rule train_loop applied): a GPU-trained model judged
+        # on the CPU would spend minutes on a pass the GPU makes in seconds.
+        device = ctx.device(cfg.device)
+        model = load_model(summary["checkpoint"]).to(device)
 
-    device = torch.device("cpu")
     metrics, decoded, lattice_decoded, skip = evaluate(model, val, batch_size=cfg.batch_size, device=device,
                                                        seed=cfg.seed + 7919)
     rows = [_row("lattice", metrics["cosine"], decoded.texts(val), val),
@@ -81,9 +81,12 @@ def run_quality_bench(cfg: TrainConfig, data: PairDataset | None = None) -> dict
     for name, key in BASELINE_ROWS:
         rows.append({"predictor": name, "cosine": base[f"baseline_{key}_cosine"],
                      "top1": base[f"baseline_{key}_top1"], "bleu": base[f"baseline_{key}_bleu"]})
+    from .bench import machine_info
+    from .code_version import code_version_tags
     return {
+        "machine": machine_info(device), "code": code_version_tags(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "preset": cfg.preset, "steps": summary["steps"], "status": summary["status"],
-        "batch_size": cfg.batch_size, "precision": cfg.model.precision,
+        "batch_size": cfg.batch_size, "precision": cfg.model.precision, "device": str(device),
         "train_rows": len(data.train), "val_rows": len(val),
         "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(summary["steps"], 1),
         "baseline_seconds": baseline_seconds,

@@ -26,7 +26,7 @@ from model.config import ConfigError
 from .config import TrainConfig, flatten, resolved, run_tags
 from .console import ProgressChannel
 from .context import RayTrainContext, TrackerGroup, best_checkpoint
-from .data import PairDataset, validation_rows
+from .data import PairDataset, training_rows, validation_rows
 from .faults import Faults
 from .tracking import EXAMPLE_ROWS, TrackedRun, check_tracking_uri, resolve_tracking_uri
 from .train import load_data, train_loop, worker_shards
@@ -150,7 +150,7 @@ def with_planned_batch(cfg: TrainConfig, budget: WorkerBudget) -> TrainConfig:
 def put_shards(data: PairDataset, cfg: TrainConfig, workers: int) -> list:
     """Object-store references to each worker's dataset: workers need no shared filesystem."""
     import ray
-    return [ray.put(part) for part in worker_shards(data, workers, cfg.val_max_samples)]
+    return [ray.put(part) for part in worker_shards(data, workers, cfg.val_max_samples, cfg.train_rows)]
 
 
 @dataclass(kw_only=True)
@@ -236,7 +236,7 @@ def prepare_config(cfg: TrainConfig) -> TrainConfig:
     from .data import ensure_corpus
     from .teacher import Teacher
     if cfg.data_path is None:  # build the corpus once here, not in every worker
-        cfg = dataclasses.replace(cfg, data_path=str(ensure_corpus(teacher=Teacher(cfg.teacher))))
+        cfg = dataclasses.replace(cfg, data_path=str(ensure_corpus(teacher=Teacher(cfg.teacher), corpus=cfg.corpus)))
     return resolved(dataclasses.replace(cfg, data_path=str(Path(cfg.data_path).resolve())))
 
 
@@ -259,7 +259,7 @@ def run_ray_train(cfg: TrainConfig, launch: Launch, init_state: dict | None = No
 
     data = load_data(cfg)
     validation = validation_rows(data, cfg.val_max_samples)
-    run.log_datasets(data, validation, cfg.data_path)
+    run.log_datasets(training_rows(data, cfg.train_rows), validation, cfg.data_path)  # the workers shard these
     progress = ProgressChannel()
     trainer = build_trainer(cfg, launch, data, run=run, run_name=run_name, init_state=init_state,
                             progress=progress, faults=faults)

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from .code_version import code_version_tags
 from .context import Tracker
 
 log = logging.getLogger(__name__)
@@ -103,14 +103,6 @@ def check_tracking_uri(uri: str, node_count: int) -> None:
             f"--port 5000 --backend-store-uri sqlite:///mlflow.db) and pass --mlflow-uri http://HOST:5000")
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def client_for(uri: str):
     from mlflow import MlflowClient
     return MlflowClient(tracking_uri=uri)
@@ -121,7 +113,7 @@ def start_run(uri: str, experiment: str, run_name: str, *, params: dict[str, Any
     """Create a run (nested under `parent_run_id` if given) with its params and tags; return its id."""
     client = client_for(uri)
     experiment_id = ensure_experiment(client, experiment, artifact_location=default_artifact_location(uri))
-    all_tags = {"git_commit": git_commit(), **tags}
+    all_tags = {**code_version_tags(), **tags}  # the commit, dirty flag and source digest: code_version.py
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)

@@ -35,7 +35,7 @@ from model.config import flatten
 from .checkpoint import check_compatible
 from .config import ConfigError, TrainConfig, config_from_dict, resolved, run_tags
 from .context import LocalContext, RunContext, Tracker, all_gather, step_check
-from .data import PairDataset, Split, ensure_corpus, load_dataset, shard, validation_rows
+from .data import PairDataset, Split, ensure_corpus, load_dataset, shard, training_rows, validation_rows
 from .evaluation import Decoded, baselines, evaluate, example_rows, finish_metrics, text_metrics
 from .faults import Faults
 from .memory import keep_freed_memory, peak_memory_bytes, reset_peak_memory, use_expandable_segments
@@ -117,19 +117,27 @@ class BatchStream:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """This rank's RNG state: the CPU generator, and on CUDA the generator of the one GPU it trains on.
+
+    Only that GPU's: a restarted rank may be given another GPU (another index, or the same index
+    naming another device once Ray narrows CUDA_VISIBLE_DEVICES), so the state belongs to the rank,
+    not to a device index."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore a rank's RNG state onto the device this rank trains on now (see _rng_state)."""
     # Both setters take only CPU ByteTensors, wherever the checkpoint was loaded.
     torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state.cpu(), index)
+    cuda_state = state.get("cuda")
+    if isinstance(cuda_state, (list, tuple)):  # saved before: every visible GPU's, listed by index
+        cuda_state = cuda_state[device.index or 0] if device.type == "cuda" and cuda_state else None
+    if cuda_state is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_state.cpu(), device)
 
 
 def _load_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any], saved_precision: str) -> None:
@@ -166,25 +174,29 @@ def _maybe_crash(faults: Faults, step: int, ctx: RunContext) -> None:
 
 
 def load_data(cfg: TrainConfig) -> PairDataset:
-    """The run's dataset: the configured file, or the stdlib corpus (built and embedded on first use).
+    """The run's dataset: the configured file, or the configured corpus (built and embedded on first
+    use). All its training rows: a run takes its `train_rows` in `worker_shards`.
 
     The teacher loads lazily, so it costs nothing when the file already carries its embeddings.
     """
     from .teacher import Teacher
     teacher = Teacher(cfg.teacher)
-    path = Path(cfg.data_path) if cfg.data_path else ensure_corpus(teacher=teacher)
+    path = Path(cfg.data_path) if cfg.data_path else ensure_corpus(teacher=teacher, corpus=cfg.corpus)
     return load_dataset(path, teacher=teacher, embed_dim=cfg.model.embed_dim, val_fraction=cfg.val_fraction,
                         max_rows=cfg.max_rows)
 
 
-def worker_shards(data: PairDataset, world_size: int, val_max_samples: int) -> list[PairDataset]:
-    """One dataset per rank: its share of the training rows, the validation rows, and the baselines
-    computed once on the full training split (so every rank and every run compares the same way).
-    Baselines the dataset already carries for these validation rows (a sweep's driver computes them
+def worker_shards(data: PairDataset, world_size: int, val_max_samples: int,
+                  train_rows: int | None = None) -> list[PairDataset]:
+    """One dataset per rank: its share of the (first `train_rows`) training rows, the validation rows,
+    and the baselines computed once on those training rows (so every rank and every run compares the
+    same way). Baselines the dataset already carries for these rows (a sweep's driver computes them
     once for all its trials) are reused."""
+    data = training_rows(data, train_rows)
     val = validation_rows(data, val_max_samples)
-    base = data.baselines if data.baselines and data.baselines.get("baseline_val_rows") == len(val) \
-        else baselines(data.train, val)
+    carried = data.baselines or {}
+    same_rows = (carried.get("baseline_val_rows"), carried.get("baseline_train_rows")) == (len(val), len(data.train))
+    base = carried if same_rows else baselines(data.train, val)
     return [dataclasses.replace(data, train=shard(data.train, rank, world_size), baselines=base)
             for rank in range(world_size)]
 
@@ -248,7 +260,7 @@ class StepResult:
     """One optimizer step's figures, summed over its micro-batches (steps_used, completion, spawned)."""
     loss: float
     lr: float
-    grad_norm: float
+    grad_norm: torch.Tensor  # on the device: read on the host only when logged (a host sync per step otherwise)
     steps_used: float
     completion: float
     spawned: torch.Tensor
@@ -293,7 +305,7 @@ def _setup(config: TrainConfig | dict[str, Any], ctx: RunContext | None, tracker
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
     if data is None:
-        data = load_data(cfg)
+        data = training_rows(load_data(cfg), cfg.train_rows)
         train_rows = shard(data.train, ctx.rank, ctx.world_size)
     else:  # a launcher sharded it already
         train_rows = data.train
@@ -329,7 +341,7 @@ def _resume_or_init(run: TrainingRun, init_state: dict[str, torch.Tensor] | None
             _load_scaler(run.scaler, state["scaler"], state["model_config"].get("precision", "fp32"))
             run.stream.load_state_dict(state["data"][rank] if rank < len(state["data"]) else state["data"][0])
             run.step = int(state["step"])
-            _set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
+            _set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)], run.device)
         log.info("resumed from %s at step %d", source, run.step)
     elif init_state is not None:
         run.model.load_state_dict(init_state)
@@ -356,6 +368,15 @@ def _start(run: TrainingRun, given_weights: bool) -> None:
         run.last_val, _ = _validate(model, run.val, cfg, ctx, run.device)
         run.validated_at = 0
         tracker.log_metrics(run.last_val, step=0)
+    _start_window(run)
+
+
+def _start_window(run: TrainingRun) -> None:
+    """Start a new window of the training-metrics line: its throughput and its peak memory count
+    from here. The peak is reset once per line, not per step, so the line reports the peak of every
+    step since the previous one (on CPU, without handing freed heap back: that is the allocator's
+    business, not the logger's)."""
+    reset_peak_memory(run.device, return_freed_memory=False)
     run.window_start, run.window_samples = time.perf_counter(), 0
 
 
@@ -369,9 +390,6 @@ def _optimizer_step(run: TrainingRun) -> StepResult | None:
     lr = run.schedule.lr(step)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    if device.type == "cuda":  # a peak per step there; on CPU the process's peak RSS, which cannot be reset cheaply
-        reset_peak_memory(device)
-
     # Accumulated on the device: a host read per micro-batch would stall the GPU each time.
     loss_sum, spawned = torch.zeros((), device=device), torch.zeros((), device=device)
     steps_used, completion = 0, 0.0
@@ -403,12 +421,12 @@ def _optimizer_step(run: TrainingRun) -> StepResult | None:
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     run.window_samples += cfg.batch_size * cfg.grad_accum_steps * run.ctx.world_size
-    return StepResult(loss_value, lr, float(grad_norm), steps_used, completion, spawned)
+    return StepResult(loss_value, lr, grad_norm.detach(), steps_used, completion, spawned)
 
 
 def _log_training(run: TrainingRun, result: StepResult) -> None:
     """Training metrics every log_every steps and at the last: loss, lr, flow figures per micro-batch,
-    throughput since the last such line, and peak memory."""
+    and throughput and peak memory since the last such line."""
     cfg, step, device = run.cfg, run.step, run.device
     if not (step % cfg.log_every == 0 or step == cfg.max_steps):
         return
@@ -418,14 +436,14 @@ def _log_training(run: TrainingRun, result: StepResult) -> None:
     reserved = {"peak_mem_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30} \
         if device.type == "cuda" else {}
     run.tracker.log_metrics({
-        "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+        "loss": result.loss, "lr": result.lr, "grad_norm": float(result.grad_norm),
         "steps_used": result.steps_used / n_micro, "completion": result.completion / n_micro,
         "spawned_per_sample": float(result.spawned) / n_micro,
         "samples_per_s": run.window_samples / max(elapsed, 1e-9),
         "step_time_s": elapsed / max(1, run.window_samples // (cfg.batch_size * n_micro * run.ctx.world_size)),
         "peak_mem_gb": peak_memory_bytes(device) / 2**30, **reserved}, step=step)
-    run.window_start, run.window_samples = time.perf_counter(), 0
     run.loss_history.append((step, result.loss))
+    _start_window(run)
 
 
 def _validate_and_checkpoint(run: TrainingRun, loss_value: float) -> None:
@@ -463,7 +481,7 @@ def _validate_and_checkpoint(run: TrainingRun, loss_value: float) -> None:
 
 def _checkpoint_state(run: TrainingRun) -> dict[str, Any] | None:
     """Everything a resume needs, gathered from every rank (data position, RNG); None off rank 0."""
-    states = all_gather((run.stream.state_dict(), _rng_state()))
+    states = all_gather((run.stream.state_dict(), _rng_state(run.device)))
     if run.ctx.rank != 0:
         return None
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),

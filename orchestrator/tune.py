@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, flatten, make_config, resolved, run_tags
+from .config import TrainConfig, flatten, make_config, resolved, run_tags, with_epochs
 from .context import TuneContext, best_checkpoint
-from .data import PairDataset, validation_rows
+from .data import PairDataset, training_rows, validation_rows
 from .evaluation import baselines
 from .faults import Faults
 from .ray_train import (Launch, Placement, WorkerBudget, alive_node_count, build_trainer, check_gpu_share, connect,
@@ -95,6 +95,7 @@ class TrialSettings:
     max_failures: int
     metric: str = "val_cosine"
     identity_cosine: float | None = None  # the baseline val_cosine_per_hour counts from
+    epochs: float | None = None           # train each trial this many passes over its rows (else max_steps)
     time_budget_s: float | None = None    # Tune restores it with the sweep, and counts it again from the restore
 
     def save(self, path: Path) -> None:
@@ -142,21 +143,24 @@ def run_trial(config: dict[str, Any], data: PairDataset, settings: TrialSettings
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg, sampled = trial_config(config)
-    run = _open_trial_run(settings, trial_id, cfg, sampled)
-    extra = {"trial_id": trial_id, "mlflow_run_id": run.run_id}
     try:
         cfg = with_planned_batch(cfg, WorkerBudget(settings.trial_memory_bytes, settings.device_type))
     except MemoryBudgetError as e:
         log.warning("trial %s is infeasible: %s", trial_id, e)
+        run = _open_trial_run(settings, trial_id, cfg, sampled)
         run.close(status="infeasible", reason=str(e))  # nothing trained: the trial ends its run itself
         # The worst value of each metric only keeps the scheduler's and the searcher's bookkeeping
         # whole (the searcher learns the region is infeasible); the summary reports no score.
-        ray.tune.report({**extra, "status": "infeasible", "reason": str(e), "step": 0,
-                         **{metric: -1.0 for metric in METRICS}})
+        ray.tune.report({"trial_id": trial_id, "mlflow_run_id": run.run_id, "status": "infeasible",
+                         "reason": str(e), "step": 0, **{metric: -1.0 for metric in METRICS}})
         return
-    run.log_datasets(data, validation_rows(data, cfg.val_max_samples), cfg.data_path)
+    if settings.epochs is not None:  # the batch is known now, and with it the steps of an epoch
+        cfg = with_epochs(cfg, settings.epochs, cfg.train_rows or len(data.train), settings.workers_per_trial)
+    run = _open_trial_run(settings, trial_id, cfg, sampled)
+    extra = {"trial_id": trial_id, "mlflow_run_id": run.run_id}
+    run.log_datasets(training_rows(data, cfg.train_rows), validation_rows(data, cfg.val_max_samples), cfg.data_path)
     if settings.workers_per_trial == 1:
-        (worker_data,) = worker_shards(data, 1, cfg.val_max_samples)
+        (worker_data,) = worker_shards(data, 1, cfg.val_max_samples, cfg.train_rows)
         with run.system_metrics():
             train_loop(cfg, TuneContext(extra, baseline_cosine=settings.identity_cosine, faults=faults),
                        run.tracker(), data=worker_data)
@@ -367,6 +371,8 @@ def _trial_checkpoints(result, workers_per_trial: int) -> list[tuple[Any, dict[s
 # What a trial row's `metrics` (the sweep report's record) holds besides the sweep's metric.
 TRIAL_METRICS = ("val_cosine", "val_top1", "lattice_gain", "val_cosine_lattice_only", "val_cosine_skip_only",
                  "val_cosine_per_hour")
+# What a trial row's `final` holds: its last validation, when it ran to the end.
+FINAL_METRICS = TRIAL_METRICS[:-1] + ("val_top1_lattice_only", "steps", "wall_time_s", "mean_steps_used")
 
 
 def finish_trial(result, settings: TrialSettings, trial_id: str, run_id: str | None, *, out_of_time: bool = False,
@@ -406,10 +412,13 @@ def finish_trial(result, settings: TrialSettings, trial_id: str, run_id: str | N
                    exploits=sum(1 for r in last.get("resumed_from") or [] if r["trial"] == trial_id
                                 and r["saved_by"] != trial_id),
                    restarts=len(restarts))
+    # The last report of a trial that ran to the end is its summary: the model as trained, chosen by
+    # no validation score (a study compares these with baselines fitted without validation rows).
+    final = {key: last.get(key) for key in FINAL_METRICS} if status == "completed" else {}
     return {"trial_id": trial_id, "status": status, "mlflow_run_id": run_id, "model_version": summary["model_version"],
             "val_cosine": metrics["val_cosine"], "val_top1": metrics["val_top1"], "steps": metrics["steps"],
             "wall_time_s": metrics["wall_time_s"], "reason": reason, "checkpoint": summary["checkpoint"],
-            "params": sampled, "metrics": metrics, "restarted_from_steps": restarts,
+            "params": sampled, "metrics": metrics, "final": final, "restarted_from_steps": restarts,
             "resumed_from": last.get("resumed_from") or []}
 
 
@@ -417,13 +426,16 @@ def _fmt_metric(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "none"
 
 
-def run_sweep(sweep: Sweep, faults: Faults | None = None) -> dict[str, Any]:
-    """Run (or, with `resume`, continue) a sweep; return its summary. `faults` is for tests of the
-    failure paths (`Faults.only_for` picks the trials they fire in)."""
+def run_sweep(sweep: Sweep, faults: Faults | None = None, space: SearchSpace | None = None,
+              epochs: float | None = None) -> dict[str, Any]:
+    """Run (or, with `resume`, continue) a sweep; return its summary. `space` replaces the sweep's
+    space files (a study builds its grid in code); `epochs` trains each trial that many passes over
+    its training rows instead of max_steps. `faults` is for tests of the failure paths
+    (`Faults.only_for` picks the trials they fire in)."""
     from ray import tune
 
     started = time.perf_counter()
-    space = load_space(sweep.spaces)
+    space = space or load_space(sweep.spaces)
     sets = dict(sweep.sets)
     if sweep.max_steps is not None:
         sets["max_steps"] = sweep.max_steps
@@ -442,7 +454,7 @@ def run_sweep(sweep: Sweep, faults: Faults | None = None) -> dict[str, Any]:
               if sweep.trial_memory_gb else WorkerBudget.probe(1, sweep.gpus_per_trial, concurrent))
     # The dataset is loaded (and embedded) once here, with its baselines, and reaches every trial
     # through the object store.
-    data = load_data(base)
+    data = training_rows(load_data(base), base.train_rows)
     data = dataclasses.replace(data, baselines=baselines(data.train, validation_rows(data, base.val_max_samples)))
 
     if sweep.resume:
@@ -470,7 +482,7 @@ def run_sweep(sweep: Sweep, faults: Faults | None = None) -> dict[str, Any]:
             tracking_uri=uri, experiment=sweep.experiment, parent_run_id=parent.run_id, storage=storage,
             workers_per_trial=sweep.workers_per_trial, gpus_per_trial=sweep.gpus_per_trial,
             trial_memory_bytes=budget.budget_bytes, device_type=budget.device_type, max_failures=sweep.max_failures,
-            metric=sweep.metric, identity_cosine=data.baselines.get("baseline_identity_cosine"),
+            metric=sweep.metric, identity_cosine=data.baselines.get("baseline_identity_cosine"), epochs=epochs,
             time_budget_s=sweep.time_budget_s)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         settings.save(sweep_dir / SWEEP_FILE)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from orchestrator.code_version import source_digest
 from orchestrator.config import make_config
 from orchestrator.progressive import ScalingJob, run_job
 from orchestrator.tracking import load_registered_model
@@ -60,9 +61,17 @@ def started_from_previous_stage(uri, first_version, second_run):
     return second_run.data.tags["init_weights"] == state_fingerprint(expected.state_dict())
 
 
+def git(*args: str, cwd: Path = REPO) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+
 def copy_of_working_tree(dest: Path) -> Path:
-    """The checkout as a fresh clone has it (tracked and new files, nothing ignored), with the venv
-    `make run` made, so the README's relative paths and its `$PWD` resolve as they would for a reader."""
+    """The checkout as a reader has it: a clone at this checkout's HEAD (so the README's `git describe`
+    answers as it would here) with this checkout's files over it (tracked and new ones, nothing
+    ignored: uncommitted changes show as they do here), and the venv `make run` made, so the README's
+    relative paths and its `$PWD` resolve as they would for a reader."""
+    git("clone", "-q", "--no-checkout", "--shared", str(REPO), str(dest))
+    git("checkout", "-q", "--detach", git("rev-parse", "HEAD"), cwd=dest)
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split("\0")
     for name in filter(None, files):
@@ -152,6 +161,16 @@ def test_readme_tour_step_4_runs_as_printed_on_a_system_path(tmp_path, corpus_pa
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     (parent,) = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'progressive_scaling'")
     assert parent.info.status == "FINISHED"
+
+    # Every run knows its code, though the job ran in Ray's unpacked copy, which has no .git: the
+    # commit the submit line passed, and the digest of the files the job ran.
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1 + len(STAGES)
+    dirty = str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower()
+    for run in runs:
+        assert run.data.tags["mlflow.source.git.commit"] == git("rev-parse", "HEAD"), run.info.run_name
+        assert run.data.tags["git_dirty"] == dirty, run.info.run_name
+        assert run.data.tags["source_digest"] == source_digest(workdir), run.info.run_name
     stages = stage_runs(client, "readme", parent.info.run_id)
     assert sorted(stages) == sorted(STAGES)
     versions = {p: client.get_model_version_by_alias("energy-lattice", f"stage-{p}").version for p in STAGES}

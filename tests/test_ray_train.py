@@ -56,7 +56,8 @@ def test_two_workers_train_on_their_own_shards_and_rank0_logs_a_complete_run(tmp
     assert {"flow/steps_used", "system/peak_mem_gb", "val_baseline/ridge_cosine", "eval/top1"} <= set(run.data.metrics)
     assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert run.data.params["model.width"] == "8" and run.data.params["lr"] == str(cfg.lr)
-    assert {"preset", "lattice", "workers", "precision", "git_commit"} <= set(run.data.tags)
+    assert {"preset", "lattice", "workers", "precision", "mlflow.source.git.commit", "git_dirty",
+            "source_digest"} <= set(run.data.tags)
     assert run.data.tags["workers"] == "2" and run.data.tags["lattice"] == "8x8x8"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "plots", "decoded"} <= artifacts

@@ -137,7 +137,7 @@ def test_resume_state_is_loaded_on_the_cpu(tmp_path, small_data):
     state, _ = LocalContext(out).resume_state()
     rng = state["rng"][0]
     assert rng["torch"].device.type == "cpu" and rng["torch"].dtype == torch.uint8
-    assert all(s.device.type == "cpu" for s in rng.get("cuda", []))
+    assert rng.get("cuda") is None or rng["cuda"].device.type == "cpu"  # one state: the rank's own GPU
     assert all(t.device.type == "cpu" for t in state["model"].values())
 
 
