@@ -6,6 +6,7 @@ readable line on stderr and exit code 2. Anything else is a bug, and prints its 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -94,8 +95,9 @@ def _train_local(cfg, args, faults=None) -> int:
     from .config import run_tags
     from .console import ConsoleTracker
     from .context import FileTracker, LocalContext, TrackerGroup, best_checkpoint
-    from .tracking import TrackedRun, resolve_tracking_uri
-    from .train import train_loop
+    from .data import corpus_path, training_rows, validation_rows
+    from .tracking import EXAMPLE_ROWS, TrackedRun, resolve_tracking_uri
+    from .train import load_data, train_loop
 
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     setup_logging(out / "train.log")
@@ -103,14 +105,19 @@ def _train_local(cfg, args, faults=None) -> int:
     ctx = LocalContext(out, resume_from=args.resume, keep=cfg.keep_checkpoints, faults=faults)
     console = ConsoleTracker(cfg.max_steps, validates_every=(cfg.val_every, cfg.checkpoint_every))
     tracker, run = TrackerGroup(FileTracker(out), console), None
+    data = training_rows(load_data(cfg), cfg.train_rows)  # what the loop trains on (one worker: all of it)
+    validation = validation_rows(data, cfg.val_max_samples)
     if not args.no_mlflow:
         run = TrackedRun.open(resolve_tracking_uri(args.mlflow_uri), args.experiment, out.name, params=flatten(cfg),
                               tags=run_tags(cfg, 1))
+        run.log_datasets(data, validation, cfg.data_path or corpus_path(cfg.corpus, data.teacher))
         tracker = TrackerGroup(tracker, run.tracker())
-    untracked_summary = train_loop(cfg, ctx, tracker)
+    with run.system_metrics() if run is not None else contextlib.nullcontext():
+        untracked_summary = train_loop(cfg, ctx, tracker, data=data)
     # A tracked run's summary comes from its close, as every launcher's does; without MLflow the
     # loop's return value is all there is.
-    summary = run.close(best_checkpoint(ctx.checkpoints())) if run is not None else untracked_summary
+    summary = run.close(best_checkpoint(ctx.checkpoints()), input_example=validation.input_emb[:EXAMPLE_ROWS]) \
+        if run is not None else untracked_summary
     summary["out_dir"] = str(out)
     _write_json(out / "summary.json", summary)
     if args.summary_json:
@@ -158,34 +165,72 @@ def cmd_train(args) -> int:
 def cmd_load(args) -> int:
     from model import count_parameters
 
-    from .tracking import load_registered_model
-    model = load_registered_model(args.model_uri, args.mlflow_uri)
+    from .checkpoint import load_checkpoint, load_model
+    from .tracking import download_checkpoint
+    if args.data is not None and not Path(args.data).exists():
+        raise DatasetError(f"dataset {args.data} does not exist")
+    path = download_checkpoint(args.model_uri, args.mlflow_uri) if args.model_uri.startswith("models:/") \
+        else Path(args.model_uri)
+    model = load_model(path)
     m = model.cfg
     print(f"loaded {args.model_uri}: lattice {m.width}x{m.height}x{m.depth}, carrier {m.carrier_hidden}x"
           f"{m.carrier_layers}, {count_parameters(model):,} parameters")
     if args.text:
-        import torch
-
-        from .teacher import Teacher
-        teacher = Teacher(args.teacher)
-        with torch.no_grad():
-            out = model(torch.from_numpy(teacher.embed([args.text])))
-        print(f"  {args.text!r} -> embedding of norm {float(out.embedding.norm()):.3f}, "
-              f"{out.stats.steps_used} flow steps, completion {out.stats.completion:.2f}")
+        _print_nearest_targets(model, load_checkpoint(path).get("train_config", {}), args)
     return 0
+
+
+def _print_nearest_targets(model, train_config: dict[str, Any], args, k: int = 5) -> None:
+    """`load --text`: the model's prediction for the text, decoded as the k nearest target texts of a
+    corpus with their cosines, beside the nearest ones to the text's own embedding (what the identity
+    baseline would say). The corpus is --data, else the one the model trained on, else the stdlib corpus."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from .data import ensure_corpus, load_dataset
+    from .mlflow_model import seeded_forward
+    from .teacher import Teacher
+    teacher = Teacher(args.teacher or train_config.get("teacher") or DEFAULT_TEACHER)
+    corpus = args.data or train_config.get("data_path")
+    if not corpus or not Path(corpus).exists():
+        corpus = ensure_corpus(teacher=teacher)
+    data = load_dataset(corpus, teacher=teacher, embed_dim=model.cfg.embed_dim)
+    targets = data.train.target_texts + data.val.target_texts
+    rows = sorted({text: i for i, text in enumerate(targets)}.values())  # each distinct text once
+    bank = F.normalize(torch.from_numpy(np.concatenate([data.train.target_emb, data.val.target_emb])[rows]), dim=-1)
+    query = teacher.embed([args.text])
+    out = seeded_forward(model, query)
+
+    def nearest(embedding) -> list[tuple[float, str]]:
+        cosines, index = (bank @ F.normalize(torch.as_tensor(embedding).float(), dim=-1).reshape(-1)).topk(k)
+        return [(float(c), targets[rows[i]]) for c, i in zip(cosines, index.tolist())]
+
+    width = 52
+    def cell(cosine: float, text: str) -> str:
+        text = " ".join(text.split())
+        return f"{cosine:6.3f}  {text if len(text) <= width else text[:width - 3] + '...':{width}s}"
+
+    print(f"  {args.text!r}: {out.stats.steps_used} flow steps, completion {out.stats.completion:.2f}; the {k} "
+          f"nearest of {len(rows):,} target texts in {corpus}, by cosine:")
+    print(f"     {'the model predicts':{width + 8}s}  the input itself (identity baseline)")
+    for n, (predicted, identity) in enumerate(zip(nearest(out.embedding), nearest(query)), start=1):
+        print(f"  {n}  {cell(*predicted)}  {cell(*identity)}")
 
 
 def cmd_tune(args) -> int:
     from .config import parse_sets
     from .console import tool_command
     from .tracking import browse_lines, experiment_id
-    from .tune import Sweep, run_sweep
+    from .tune import Sweep, parse_duration, run_sweep
     sweep = Sweep(
         spaces=args.space, preset=args.preset, sets=parse_sets(args.set or []), num_samples=args.num_samples,
         max_steps=args.max_steps, search=args.search, scheduler=args.scheduler, metric=args.metric,
         pbt_interval=args.pbt_interval, seed=args.seed, workers_per_trial=args.workers_per_trial,
         gpus_per_trial=args.gpus_per_trial,
-        concurrency=args.concurrency, resume=args.resume, trial_memory_gb=args.trial_memory_gb, **_placement(args))
+        concurrency=args.concurrency, resume=args.resume, trial_memory_gb=args.trial_memory_gb, **_placement(args),
+        max_failures=args.max_failures,
+        time_budget_s=parse_duration(args.time_budget) if args.time_budget is not None else None)
     setup_logging()
     summary = run_sweep(sweep)  # checks the spaces, values and scheduler before Ray starts
     if args.summary_json:
@@ -195,16 +240,20 @@ def cmd_tune(args) -> int:
               f"it with the same command plus --resume.")
         return 1
     metric = summary["metric"]
-    print(f"\nsweep {args.experiment}: {len(summary['trials'])} trials, best {summary['best']} by {metric}")
+    ended = f", ended by its time budget of {args.time_budget}" if summary["out_of_time"] else ""
+    print(f"\nsweep {args.experiment}: {len(summary['trials'])} trials{ended}, best {summary['best']} by {metric}")
     print(f"  {'trial':22s} {'status':11s} {'val_cos':>8s} {'gain':>7s} {'steps':>6s} {'time s':>7s} {'version':>7s}"
           f"  params")
     for t in summary["trials"]:
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in t["params"].items())
         m = t["metrics"]
         wall = f"{m['wall_time_s']:.0f}" if isinstance(m["wall_time_s"], (int, float)) else "-"
+        notes = [t["reason"]] if t.get("reason") else []
+        if t["restarted_from_steps"]:
+            notes.append("restarted from its checkpoint at step " + ", ".join(map(str, t["restarted_from_steps"])))
         print(f"  {t['trial_id']:22s} {t['status']:11s} {_fmt(t['val_cosine']):>8s} {_fmt(m['lattice_gain']):>7s} "
               f"{str(m['steps']):>6s} {wall:>7s} {str(t['model_version']):>7s}  {params}"
-              + (f"  ({t['reason']})" if t.get("reason") else ""))
+              + (f"  ({'; '.join(notes)})" if notes else ""))
     if summary["report"]:
         print("\n" + "\n".join(f"  {line}" for line in summary["report"]["summary"].splitlines()))
     print(f"\n  wall time {summary['wall_time_s']:.0f} s, trials' own time {summary['trial_train_time_s']:.0f} s")
@@ -281,7 +330,9 @@ def cmd_study(args) -> int:
 
 def cmd_compare(args) -> int:
     from .tracking import compare_runs
-    print(compare_runs(args.experiment, args.mlflow_uri, top=args.top))
+    print(compare_runs(args.experiment, args.mlflow_uri, top=args.top, csv_path=args.csv))
+    if args.csv:
+        print(f"\nwrote {args.csv}")
     return 0
 
 
@@ -460,6 +511,8 @@ def _add_launch_flags(parser: argparse.ArgumentParser, *, experiment: str, exper
     if per_trial:
         launch.add_argument("--workers-per-trial", type=int, default=1, help=">1 runs each trial on a TorchTrainer")
         launch.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial worker")
+        launch.add_argument("--max-failures", type=int, default=1,
+                            help="retries of a crashed trial, each from its last checkpoint")
     else:
         launch.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP)")
         launch.add_argument("--cpus-per-worker", type=float, default=1.0)
@@ -495,8 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("model_uri", help="models:/energy-lattice/<version>, models:/energy-lattice@<alias>, "
                                         "or a checkpoint folder")
     load.add_argument("--mlflow-uri", help=MLFLOW_URI_HELP)
-    load.add_argument("--text", help="also run the model on this text's teacher embedding")
-    load.add_argument("--teacher", default=DEFAULT_TEACHER)
+    load.add_argument("--text", help="also run the model on this text and print the 5 nearest target texts of the "
+                                     "corpus to its prediction, beside those nearest to the text itself")
+    load.add_argument("--data", help="the corpus whose target texts --text decodes to (default: the one the model "
+                                     "trained on, else the stdlib corpus)")
+    load.add_argument("--teacher", help="teacher that embeds --text (default: the one the model trained with)")
     load.set_defaults(func=cmd_load)
 
     from .tune import METRICS, SCHEDULERS, SEARCHES
@@ -520,6 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--resume", action="store_true", help="continue the interrupted sweep of --experiment")
     tune.add_argument("--trial-memory-gb", type=float, help="memory budget per trial for the planner "
                                                            "(default: node memory / concurrent trials)")
+    tune.add_argument("--time-budget", help="end the sweep after this wall time (e.g. 90s, 30m, 2h): unfinished "
+                                            "trials stop at their next report, the report covers every trial")
     tune.add_argument("--summary-json", help="write the sweep summary here")
     _add_launch_flags(tune, experiment="energy-lattice-sweep", experiment_help="sweep and MLflow experiment name",
                       per_trial=True)
@@ -570,6 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--experiment", required=True)
     compare.add_argument("--top", type=int, default=10, help="best K runs by validation cosine")
     compare.add_argument("--mlflow-uri", help=MLFLOW_URI_HELP)
+    compare.add_argument("--csv", help="also write the table here: one row per run, its metrics and the params "
+                                       "that differ")
     compare.set_defaults(func=cmd_compare)
 
     data = sub.add_parser("data", help="datasets")

@@ -12,6 +12,7 @@ Ray, the GPU-share check, and the memory a worker has, from which its batch is p
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -25,9 +26,9 @@ from model.config import ConfigError
 from .config import TrainConfig, flatten, resolved, run_tags
 from .console import ProgressChannel
 from .context import RayTrainContext, TrackerGroup, best_checkpoint
-from .data import PairDataset
+from .data import PairDataset, training_rows, validation_rows
 from .faults import Faults
-from .tracking import TrackedRun, check_tracking_uri, resolve_tracking_uri
+from .tracking import EXAMPLE_ROWS, TrackedRun, check_tracking_uri, resolve_tracking_uri
 from .train import load_data, train_loop, worker_shards
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ def alive_node_count() -> int:
 def _train_worker(config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs (again, after a restart)."""
     import ray
+    import ray.train
     run = config["run"]
     ctx = RayTrainContext(run["fault_dir"], Faults.from_dict(run.get("faults")))
     data = ray.get(run["data_shards"][ctx.rank])  # this worker's rows only, from the object store
@@ -81,7 +83,12 @@ def _train_worker(config: dict[str, Any]) -> None:
                                               validates_every=(train["val_every"], train["checkpoint_every"]))
             tracker = TrackerGroup(tracker, console)
     init_state = ray.get(run["init_state"]) if run.get("init_state") is not None else None
-    train_loop(config["train"], ctx, tracker, data=data, init_state=init_state)
+    context = ray.train.get_context()
+    # MLflow's system metrics once per node (they measure the whole machine), by its first worker;
+    # named by node when the run has several workers, which may sit on several nodes.
+    node_id = f"node_{context.get_node_rank()}" if ctx.world_size > 1 else None
+    with run["tracked_run"].system_metrics(node_id) if context.get_local_rank() == 0 else contextlib.nullcontext():
+        train_loop(config["train"], ctx, tracker, data=data, init_state=init_state)
 
 
 def check_gpu_share(workers: int, gpus_per_worker: float) -> None:
@@ -250,8 +257,11 @@ def run_ray_train(cfg: TrainConfig, launch: Launch, init_state: dict | None = No
                           parent_run_id=launch.parent_run_id, run_id=launch.mlflow_run_id, alias=launch.model_alias)
     log.info("MLflow run %s in experiment %r at %s", run.run_id, launch.experiment, uri)
 
+    data = load_data(cfg)
+    validation = validation_rows(data, cfg.val_max_samples)
+    run.log_datasets(training_rows(data, cfg.train_rows), validation, cfg.data_path)  # the workers shard these
     progress = ProgressChannel()
-    trainer = build_trainer(cfg, launch, load_data(cfg), run=run, run_name=run_name, init_state=init_state,
+    trainer = build_trainer(cfg, launch, data, run=run, run_name=run_name, init_state=init_state,
                             progress=progress, faults=faults)
     try:
         with progress.printing():
@@ -262,7 +272,7 @@ def run_ray_train(cfg: TrainConfig, launch: Launch, init_state: dict | None = No
     finally:
         progress.close()
     best = best_checkpoint(result.best_checkpoints) if result is not None else None
-    summary = run.close(best, status="failed" if error else None)
+    summary = run.close(best, status="failed" if error else None, input_example=validation.input_emb[:EXAMPLE_ROWS])
     summary["ray_run_path"] = str(Path(storage) / run_name) if "://" not in storage else f"{storage}/{run_name}"
     if error is not None:
         summary["error"] = str(error).splitlines()[0]

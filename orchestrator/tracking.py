@@ -6,13 +6,18 @@ machine, so on a cluster of more than one node it is refused: workers elsewhere 
 
 Every run goes through one lifecycle, `TrackedRun`: the launcher (the process that starts
 training: the CLI, Ray Train's driver, a Tune trial and the sweep's driver, the scaling job) opens
-it, rank 0 logs into it by id through `TrackedRun.tracker()`, and the launcher closes it, which
-registers its best checkpoint as a new version of the model `energy-lattice` (loadable with
-`load_registered_model("models:/energy-lattice/<version>")`), sets its status and returns its summary.
+it and logs the data it trains on as dataset inputs, rank 0 logs into it by id through
+`TrackedRun.tracker()`, one process per node samples MLflow's system metrics into it
+(`TrackedRun.system_metrics`), and the launcher closes it, which registers its best checkpoint as a
+new version of the model `energy-lattice`, an MLflow model (orchestrator.mlflow_model; loadable with
+`mlflow.pyfunc.load_model` and with `load_registered_model("models:/energy-lattice/<version>")`),
+sets its status and returns its summary.
 """
 from __future__ import annotations
 
 import contextlib
+import csv
+import hashlib
 import json
 import logging
 import os
@@ -40,6 +45,7 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 MLFLOW_UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 SUMMARY_FILE = "summary.json"  # the run summary rank 0 logs at the end of training
+EXAMPLE_ROWS = 2  # validation rows a registered model shows as its input example
 
 
 class TrackingConfigError(ValueError):
@@ -293,17 +299,23 @@ def log_config(tracker: Tracker, config: dict[str, Any]) -> None:
 
 
 def register_checkpoint(uri: str, run_id: str, checkpoint_dir: str | Path, *, tags: dict[str, str],
-                        alias: str | None = None, artifact_path: str = "checkpoints/best") -> str:
-    """Log a checkpoint folder into the run and register it as a new version of `energy-lattice`."""
-    client = client_for(uri)
-    client.log_artifacts(run_id, str(checkpoint_dir), artifact_path)
+                        alias: str | None = None, input_example: Any = None, step: int = 0) -> str:
+    """Log a checkpoint folder into the run as an MLflow model (orchestrator.mlflow_model: pyfunc,
+    with signature, input example and pinned requirements, the checkpoint inside) and register it
+    as a new version of `energy-lattice`."""
     from mlflow.exceptions import MlflowException
+
+    from .mlflow_model import log_model
+    client = client_for(uri)
+    logged = log_model(client, run_id, checkpoint_dir, input_example=input_example, step=step)
     try:
-        client.create_registered_model(REGISTERED_MODEL, description="energy-flow lattice checkpoints")
+        client.create_registered_model(REGISTERED_MODEL, description="energy-flow lattice models")
     except MlflowException:
         pass  # already registered
-    version = client.create_model_version(REGISTERED_MODEL, source=f"runs:/{run_id}/{artifact_path}",
-                                          run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+    # The source is the model's artifact location, not its models:/<id> URI: a SQL registry looks a
+    # models:/ source up in the process's global tracking store, which need not be this one.
+    version = client.create_model_version(REGISTERED_MODEL, source=logged.artifact_location, run_id=run_id,
+                                          tags={k: str(v) for k, v in tags.items()}, model_id=logged.model_id)
     if alias:
         client.set_registered_model_alias(REGISTERED_MODEL, alias, version.version)
     client.set_tag(run_id, "model_version", version.version)
@@ -337,12 +349,52 @@ class TrackedRun:
         """Rank 0's tracker: logs into this run by id, from whichever node rank 0 runs on."""
         return MlflowTracker(self.uri, self.run_id)
 
+    @contextlib.contextmanager
+    def system_metrics(self, node_id: str | None = None):
+        """MLflow's own system metrics of this machine while the block runs: CPU utilisation, memory,
+        disk and network, and on an NVIDIA node (with nvidia-ml-py, the `gpu` extra) each GPU's
+        utilisation, memory and power, as `system/<name>` or, given a node id, `system/<node_id>/<name>`.
+
+        MLflow samples every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 10) and logs
+        only whole sampling windows; the window open when the block ends is logged here, so a run
+        shorter than one window still has its figures."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        monitor = SystemMetricsMonitor(self.run_id, resume_logging=True, node_id=node_id, tracking_uri=self.uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+
+    def log_datasets(self, data: Any, validation: Any, source: str | Path) -> None:
+        """The run's training and validation rows as MLflow dataset inputs (the runs table's Datasets
+        column): named after the file, with a digest of every row (see `rows_digest`), the file as
+        source and the row count in the profile (`features_shape`). Logging the same rows again (a
+        restarted job) adds nothing."""
+        from mlflow.data import from_numpy
+        from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+        # The source built as a local file's, not resolved from a bare path: MLflow 3.17 registers
+        # that kind twice and warns about the ambiguity at every resolution.
+        file = get_dataset_source_from_json(json.dumps({"uri": str(source)}), "local")
+        inputs = []
+        for context, split in (("training", data.train), ("validation", validation)):
+            dataset = from_numpy(split.input_emb, targets=split.target_emb, source=file, name=Path(source).stem,
+                                 digest=rows_digest(split))
+            inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+        client_for(self.uri).log_inputs(self.run_id, inputs)
+
     def close(self, best: tuple[Any, dict[str, Any]] | None = None, *, status: str | None = None,
-              unfinished: str = "failed", reason: str | None = None) -> dict[str, Any]:
+              unfinished: str = "failed", reason: str | None = None, input_example: Any = None) -> dict[str, Any]:
         """Register the run's best checkpoint, set its status tag and MLflow state, and return its summary.
 
         `best` is the (checkpoint, metrics) pair `context.best_checkpoint` chose, the checkpoint a
-        folder or a Ray Checkpoint, or None when the run left none.
+        folder or a Ray Checkpoint, or None when the run left none. `input_example`: a few rows of
+        teacher embeddings the registered model shows as its input example.
 
         The status is `status` if given (the launcher saw the run fail or stop), else the one the
         training loop recorded, else `unfinished` (the loop never got to its summary). A run that is
@@ -365,9 +417,11 @@ class TrackedRun:
             if best is not None:
                 checkpoint, metrics = best
                 with _local_folder(checkpoint) as folder:
-                    version = register_checkpoint(self.uri, self.run_id, folder, alias=self.alias, tags={
-                        **{k: v for k, v in self.tags.items() if k != "status"}, "run_id": self.run_id,
-                        "step": str(metrics.get("step")), "val_cosine": f"{metrics['val_cosine']:.4f}"})
+                    version = register_checkpoint(
+                        self.uri, self.run_id, folder, alias=self.alias, input_example=input_example,
+                        step=int(metrics.get("step") or 0), tags={
+                            **{k: v for k, v in self.tags.items() if k != "status"}, "run_id": self.run_id,
+                            "step": str(metrics.get("step")), "val_cosine": f"{metrics['val_cosine']:.4f}"})
             client.set_tag(self.run_id, "status", status)
             if reason:
                 client.set_tag(self.run_id, "reason", reason)
@@ -393,15 +447,29 @@ class TrackedRun:
             return {}
 
 
+def rows_digest(split: Any) -> str:
+    """A digest of every row of a data split: both texts and both embeddings, in row order. MLflow's
+    own digest of numpy data hashes only the first 10,000 values (26 rows of 384-d embeddings), so
+    datasets that differ only after those rows would share one."""
+    import numpy as np
+    h = hashlib.sha256("\0".join(split.input_texts + split.target_texts).encode())
+    for emb in (split.input_emb, split.target_emb):
+        h.update(np.ascontiguousarray(emb, dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
 def _local_folder(checkpoint):
     """A folder holding the checkpoint: a Ray Checkpoint is downloaded if its storage is remote."""
     return checkpoint.as_directory() if hasattr(checkpoint, "as_directory") else contextlib.nullcontext(checkpoint)
 
 
 def download_checkpoint(model_uri: str, tracking_uri: str | None = None) -> Path:
-    """The checkpoint folder behind `models:/<name>/<version>` or `models:/<name>@<alias>`, downloaded."""
+    """The checkpoint folder behind `models:/<name>/<version>` or `models:/<name>@<alias>`, downloaded
+    (the one inside the registered MLflow model)."""
     import mlflow
     from mlflow.exceptions import MlflowException
+
+    from .mlflow_model import checkpoint_in
     uri = resolve_tracking_uri(tracking_uri)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         raise TrackingConfigError(f"cannot load {model_uri}: no MLflow store at {uri}")
@@ -413,7 +481,7 @@ def download_checkpoint(model_uri: str, tracking_uri: str | None = None) -> Path
         else:
             name, _, version = ref.partition("/")
         source = client_for(uri).get_model_version_download_uri(name, version)
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri))
+        return checkpoint_in(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri))
     except MlflowException as e:
         raise TrackingConfigError(f"cannot load {model_uri} from {uri}: {e.message.splitlines()[0]}") from None
 
@@ -429,9 +497,11 @@ COMPARE_METRICS = tuple(mlflow_metric_name(k) for k in ("val_cosine", "val_top1"
                                                           "baseline_identity_cosine"))
 
 
-def compare_runs(experiment: str, tracking_uri: str | None = None, top: int = 10) -> str:
+def compare_runs(experiment: str, tracking_uri: str | None = None, top: int = 10, csv_path: str | Path | None = None) -> str:
     """A text table of an experiment's best runs by validation cosine: key metrics and the params
-    that differ between them (sweep parent runs left out of the table); then each sweep's report summary."""
+    that differ between them (sweep parent runs left out of the table); then each sweep's report summary.
+    Given `csv_path`, the table's rows are also written there, one per run: its columns, the run id
+    and each differing param."""
     uri = resolve_tracking_uri(tracking_uri)
     client = client_for(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -448,15 +518,23 @@ def compare_runs(experiment: str, tracking_uri: str | None = None, top: int = 10
                      + "\n".join(f"  {line}" for line in r.data.tags["mlflow.note.content"].splitlines())
                      for r in sweeps)
     if not runs:
+        if csv_path:
+            raise TrackingConfigError(f"experiment {experiment!r} has no runs with a validation cosine yet; "
+                                      f"nothing to write to {csv_path}")
         return f"experiment {experiment!r} has no runs with a validation cosine yet" + report
     keys = sorted({k for r in runs for k in r.data.params})
     differing = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1 and k != "data_path"]
     header = ["run", "status", "lattice"] + list(COMPARE_METRICS)
-    rows = []
-    for r in runs:
-        metrics = [f"{r.data.metrics[m]:.4f}" if m in r.data.metrics else "-" for m in COMPARE_METRICS]
-        rows.append([r.info.run_name or r.info.run_id[:8], r.data.tags.get("status", r.info.status.lower()),
-                     r.data.tags.get("lattice", "-")] + metrics)
+    values = [[r.info.run_name or r.info.run_id[:8], r.data.tags.get("status", r.info.status.lower()),
+               r.data.tags.get("lattice")] + [r.data.metrics.get(m) for m in COMPARE_METRICS] for r in runs]
+    if csv_path:  # full precision, an empty cell where the table shows "-"
+        Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header + ["run_id"] + differing)
+            writer.writerows(row + [r.info.run_id] + [r.data.params.get(k) for k in differing]
+                             for row, r in zip(values, runs))
+    rows = [["-" if x is None else f"{x:.4f}" if isinstance(x, float) else x for x in row] for row in values]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in [header] + rows]
     if differing:

@@ -17,7 +17,10 @@ workers launch a TorchTrainer inside the trial, whose reports reach Tune through
 `TuneReportCallback`. Before a trial trains, the memory planner checks its sampled lattice against
 the per-trial memory budget and picks its batch size (at most the configured one); a trial that
 cannot fit ends `infeasible` with the planner's reason and the sweep goes on, as it does past a
-diverged trial.
+diverged trial. A trial whose process dies is retried from its last checkpoint (`max_failures`,
+Tune's FailureConfig; the loop resumes through `TuneContext.resume_state`), and `time_budget_s`
+ends the whole sweep at that wall time (Tune's own budget), its unfinished trials reported as
+stopped. Optuna's first trial is the preset's own values of the sampled fields (`defaults_point`).
 
 MLflow: the sweep is a parent run, each trial a nested child run (created by the trial, found
 again by its `trial_id` tag after a restore). When the sweep ends, the driver registers each
@@ -30,12 +33,13 @@ import dataclasses
 import functools
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, flatten, make_config, run_tags, with_epochs
+from .config import TrainConfig, flatten, make_config, resolved, run_tags, with_epochs
 from .context import TuneContext, best_checkpoint
 from .data import PairDataset, training_rows, validation_rows
 from .evaluation import baselines
@@ -45,7 +49,8 @@ from .ray_train import (Launch, Placement, WorkerBudget, alive_node_count, build
 from .plots import parallel_coordinates
 from .search_space import SearchSpace, SpaceError, load_space
 from .sweep_report import best_trial, sampled_params, write_report
-from .tracking import TrackedRun, check_tracking_uri, child_runs, client_for, log_params, resolve_tracking_uri
+from .tracking import (EXAMPLE_ROWS, TrackedRun, check_tracking_uri, child_runs, client_for, log_params,
+                       resolve_tracking_uri)
 from .train import load_data, train_loop, worker_shards
 
 log = logging.getLogger(__name__)
@@ -91,6 +96,7 @@ class TrialSettings:
     metric: str = "val_cosine"
     identity_cosine: float | None = None  # the baseline val_cosine_per_hour counts from
     epochs: float | None = None           # train each trial this many passes over its rows (else max_steps)
+    time_budget_s: float | None = None    # Tune restores it with the sweep, and counts it again from the restore
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(dataclasses.asdict(self)))
@@ -152,10 +158,12 @@ def run_trial(config: dict[str, Any], data: PairDataset, settings: TrialSettings
         cfg = with_epochs(cfg, settings.epochs, cfg.train_rows or len(data.train), settings.workers_per_trial)
     run = _open_trial_run(settings, trial_id, cfg, sampled)
     extra = {"trial_id": trial_id, "mlflow_run_id": run.run_id}
+    run.log_datasets(training_rows(data, cfg.train_rows), validation_rows(data, cfg.val_max_samples), cfg.data_path)
     if settings.workers_per_trial == 1:
         (worker_data,) = worker_shards(data, 1, cfg.val_max_samples, cfg.train_rows)
-        train_loop(cfg, TuneContext(extra, baseline_cosine=settings.identity_cosine, faults=faults), run.tracker(),
-                   data=worker_data)
+        with run.system_metrics():
+            train_loop(cfg, TuneContext(extra, baseline_cosine=settings.identity_cosine, faults=faults),
+                       run.tracker(), data=worker_data)
         return
     from ray.tune.integration.ray_train import TuneReportCallback
     launch = Launch(workers=settings.workers_per_trial, gpus_per_worker=settings.gpus_per_trial,
@@ -188,10 +196,17 @@ class Sweep(Placement):
     resume: bool = False
     trial_memory_gb: float | None = None  # default: a worker node's free memory / concurrent trials
     experiment: str = field(default="energy-lattice-sweep", kw_only=True)
-    max_failures: int = field(default=1, kw_only=True)  # restarts of a multi-worker trial's TorchTrainer
+    # Retries of a crashed trial from its last checkpoint (Tune's FailureConfig); a multi-worker
+    # trial's TorchTrainer also restarts its worker group that often.
+    max_failures: int = field(default=1, kw_only=True)
+    time_budget_s: float | None = field(default=None, kw_only=True)  # wall time after which Tune ends the sweep
 
     def __post_init__(self):
         check_gpu_share(self.workers_per_trial, self.gpus_per_trial)
+        if self.max_failures < 0:
+            raise SpaceError(f"--max-failures={self.max_failures} must be at least 0")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise SpaceError(f"--time-budget={self.time_budget_s:g}s must be more than 0 seconds")
         for name, value, allowed in (("--search", self.search, SEARCHES), ("--scheduler", self.scheduler, SCHEDULERS),
                                      ("--metric", self.metric, tuple(METRICS))):
             if value not in allowed:
@@ -201,6 +216,14 @@ class Sweep(Placement):
                              "use --search random with it")
         if self.pbt_interval is not None and self.pbt_interval < 1:
             raise SpaceError(f"--pbt-interval={self.pbt_interval} must be at least 1 step")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as `90s`, `30m`, `2h`, `1h30m` or `45` (seconds)."""
+    match = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", text)
+    if match is None or not any(match.groups()):
+        raise SpaceError(f"--time-budget {text!r} is not a duration; write e.g. 90s, 30m, 2h or 1h30m")
+    return sum(float(value) * unit for value, unit in zip(match.groups(), (3600, 60, 1)) if value)
 
 
 def check_sweep(sweep: Sweep, base: TrainConfig, space: SearchSpace) -> tuple[Any, Any]:
@@ -213,7 +236,9 @@ def check_sweep(sweep: Sweep, base: TrainConfig, space: SearchSpace) -> tuple[An
             raise SpaceError(f"--search optuna samples every value, so it cannot take the grid form "
                              f"({', '.join(grids)}); write {{choice: [...]}} instead")
         from ray.tune.search.optuna import OptunaSearch
-        searcher = OptunaSearch(seed=sweep.seed)  # TPE; metric and mode come from TuneConfig
+        first = defaults_point(base, space)
+        # TPE; metric and mode come from TuneConfig
+        searcher = OptunaSearch(seed=sweep.seed, points_to_evaluate=[first] if first else None)
     if sweep.scheduler == "asha":
         grace_period, max_t = asha_limits(base, space)
         from ray.tune.schedulers import ASHAScheduler
@@ -224,6 +249,39 @@ def check_sweep(sweep: Sweep, base: TrainConfig, space: SearchSpace) -> tuple[An
     else:
         scheduler = None
     return scheduler, searcher
+
+
+def defaults_point(base: TrainConfig, space: SearchSpace) -> dict[str, Any] | None:
+    """Optuna's first trial: the value every sampled field has without a sweep (the preset's, with
+    the sweep's --set overrides), keyed as Tune hands the space to Optuna. A sweep that starts there
+    can only improve on what a user gets without one. None, with a warning naming the fields, when
+    a default lies outside the space: Optuna takes a whole point or none."""
+    defaults = flatten(resolved(base))
+    point, outside = {}, []
+    for key, (dist, args) in space.entries.items():
+        value = base.preset if key == "preset" else defaults[key]
+        point[f"sampled/{key}"] = value
+        if not _in_space(value, dist, args):
+            outside.append(f"{key}={value!r} (space: {dist}{args})")
+    if outside:
+        log.warning("the first Optuna trial is sampled, not the defaults: %s outside the space", "; ".join(outside))
+        return None
+    return point
+
+
+def _in_space(value: Any, dist: str, args: list) -> bool:
+    """Whether Optuna's distribution for a space entry holds `value` (randint's high is exclusive)."""
+    if dist in ("choice", "grid"):
+        return any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in args)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    low, high = args[0], args[1] - 1 if dist == "randint" else args[1]
+    if dist == "randint" and not isinstance(value, int):
+        return False
+    if dist == "quniform":  # Optuna's stepped distribution counts steps from low
+        steps = (value - low) / args[2]
+        return low <= value <= high and abs(steps - round(steps)) < 1e-8
+    return low <= value <= high
 
 
 # Config fields that decide when a trial reports its validation cosine; ASHA's rungs are set from them.
@@ -317,10 +375,15 @@ TRIAL_METRICS = ("val_cosine", "val_top1", "lattice_gain", "val_cosine_lattice_o
 FINAL_METRICS = TRIAL_METRICS[:-1] + ("val_top1_lattice_only", "steps", "wall_time_s", "mean_steps_used")
 
 
-def finish_trial(result, settings: TrialSettings, trial_id: str, run_id: str | None) -> dict[str, Any]:
-    """Close a trial's child run (its best checkpoint registered once) and return its row of the
-    sweep summary, which is also its record for the sweep report (`params`, `metrics`, `status`)."""
+def finish_trial(result, settings: TrialSettings, trial_id: str, run_id: str | None, *, out_of_time: bool = False,
+                 input_example: Any = None) -> dict[str, Any]:
+    """Close a trial's child run (its best checkpoint registered once, `input_example` its model's
+    example rows) and return its row of the sweep summary, which is also its record for the sweep
+    report (`params`, `metrics`, `status`). `out_of_time`: the sweep ended at its time budget, which
+    stopped this trial if it had not finished."""
     last = result.metrics or {}
+    # Each time the trial started again from its own checkpoint: a retry after a crash, or a resumed sweep
+    restarts = [r["step"] for r in last.get("resumed_from") or [] if r["trial"] == r["saved_by"] == trial_id]
     best = best_checkpoint(_trial_checkpoints(result, settings.workers_per_trial))
     error = "error" if result.error is not None else None
     cfg, sampled = trial_config(result.config) if result.config else (None, {})
@@ -328,30 +391,34 @@ def finish_trial(result, settings: TrialSettings, trial_id: str, run_id: str | N
         summary = {"status": error or "stopped", "model_version": None, "checkpoint": None}
     else:
         run = TrackedRun(settings.tracking_uri, run_id, _trial_tags(settings, trial_id, cfg, sampled))
-        # A trial that did not finish its loop was stopped by the scheduler before max_steps.
-        summary = run.close(best, status=error, unfinished="stopped")
+        # A trial that did not finish its loop was stopped before max_steps (the scheduler, the time budget).
+        summary = run.close(best, status=error, unfinished="stopped", input_example=input_example)
+        if restarts:
+            client_for(settings.tracking_uri).set_tag(run_id, "restarted_from_steps", ",".join(map(str, restarts)))
     status = summary["status"]
     scored = status != "infeasible"
     best_metrics = best[1] if best and scored else {}
     reason = summary.get("reason")
     if status == "stopped":
-        # ASHA ended it at a rung: say where, and what its last validation measured
-        reason = ("ended before its first report" if last.get("step") is None else
-                  f"stopped by the scheduler at step {last['step']}; last validation: val_cosine "
+        # ASHA ended it at a rung, or the time budget ended the sweep: say where, and what its last validation measured
+        by = "the sweep's time budget" if out_of_time else "the scheduler"
+        reason = (f"ended by {by} before its first report" if last.get("step") is None else
+                  f"stopped by {by} at step {last['step']}; last validation: val_cosine "
                   f"{_fmt_metric(last.get('val_cosine'))}, lattice_gain {_fmt_metric(last.get('lattice_gain'))}")
     metrics = {key: best_metrics.get(key) for key in TRIAL_METRICS}  # every one of METRICS among them
     metrics.update(steps=last.get("step"), wall_time_s=last.get("wall_time_s") or last.get("time_total_s"),
                    mean_steps_used=last.get("mean_steps_used") or last.get("val_steps_used"),
                    max_flow_steps=cfg.model.resolved().max_steps if cfg else None,
                    exploits=sum(1 for r in last.get("resumed_from") or [] if r["trial"] == trial_id
-                                and r["saved_by"] != trial_id))
+                                and r["saved_by"] != trial_id),
+                   restarts=len(restarts))
     # The last report of a trial that ran to the end is its summary: the model as trained, chosen by
     # no validation score (a study compares these with baselines fitted without validation rows).
     final = {key: last.get(key) for key in FINAL_METRICS} if status == "completed" else {}
     return {"trial_id": trial_id, "status": status, "mlflow_run_id": run_id, "model_version": summary["model_version"],
             "val_cosine": metrics["val_cosine"], "val_top1": metrics["val_top1"], "steps": metrics["steps"],
             "wall_time_s": metrics["wall_time_s"], "reason": reason, "checkpoint": summary["checkpoint"],
-            "params": sampled, "metrics": metrics, "final": final,
+            "params": sampled, "metrics": metrics, "final": final, "restarted_from_steps": restarts,
             "resumed_from": last.get("resumed_from") or []}
 
 
@@ -415,7 +482,8 @@ def run_sweep(sweep: Sweep, faults: Faults | None = None, space: SearchSpace | N
             tracking_uri=uri, experiment=sweep.experiment, parent_run_id=parent.run_id, storage=storage,
             workers_per_trial=sweep.workers_per_trial, gpus_per_trial=sweep.gpus_per_trial,
             trial_memory_bytes=budget.budget_bytes, device_type=budget.device_type, max_failures=sweep.max_failures,
-            metric=sweep.metric, identity_cosine=data.baselines.get("baseline_identity_cosine"), epochs=epochs)
+            metric=sweep.metric, identity_cosine=data.baselines.get("baseline_identity_cosine"), epochs=epochs,
+            time_budget_s=sweep.time_budget_s)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         settings.save(sweep_dir / SWEEP_FILE)
         tuner = tune.Tuner(
@@ -423,34 +491,45 @@ def run_sweep(sweep: Sweep, faults: Faults | None = None, space: SearchSpace | N
             param_space={"preset": sweep.preset, "set": sets, "sampled": space.param_space()},
             tune_config=tune.TuneConfig(num_samples=sweep.num_samples, metric=sweep.metric, mode="max",
                                         scheduler=scheduler, search_alg=searcher,
-                                        max_concurrent_trials=sweep.concurrency),
+                                        max_concurrent_trials=sweep.concurrency, time_budget_s=sweep.time_budget_s),
             run_config=tune.RunConfig(
                 name=sweep.experiment, storage_path=storage,
+                # a crashed trial starts again from its last checkpoint (TuneContext.resume_state)
+                failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                 # PBT needs the checkpoint each donor reported last, whatever its score
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=None if sweep.scheduler == "pbt" else 2,
                     checkpoint_score_attribute="val_cosine", checkpoint_score_order="max")))
+    fit_started = time.perf_counter()
     grid = tuner.fit()
-    if _interrupted(sweep_dir, expected_trials=sweep.num_samples * space.grid_size()):
+    tune_time = time.perf_counter() - fit_started
+    # Tune ends a sweep at its time budget without saying so: trials it stopped end TERMINATED, as
+    # finished ones do, and trials it never started are left unfinished, as after Ctrl-C. The clock tells.
+    out_of_time = settings.time_budget_s is not None and tune_time >= settings.time_budget_s
+    if not out_of_time and _interrupted(sweep_dir, expected_trials=sweep.num_samples * space.grid_size()):
         log.warning("sweep %s was interrupted; continue it with --resume", sweep.experiment)
         return {"status": "interrupted", "trials": [], "best": None, "parent_run_id": parent.run_id,
                 "tracking_uri": uri, "sweep_path": str(sweep_dir), "wall_time_s": time.perf_counter() - started,
-                "trial_train_time_s": 0.0, "report": None}
+                "trial_train_time_s": 0.0, "report": None, "tune_time_s": tune_time,
+                "time_budget_s": settings.time_budget_s, "out_of_time": False}
 
     run_ids = {trial: run.info.run_id for trial, run in child_runs(uri, settings.experiment, parent.run_id,
                                                                      "trial_id").items()}
+    example = validation_rows(data, base.val_max_samples).input_emb[:EXAMPLE_ROWS]
     trials = []
     for n, result in enumerate(grid):
         trial_id = (result.metrics or {}).get("trial_id") or f"unreported-{n}"  # never reached a report
-        trials.append(finish_trial(result, settings, trial_id, run_ids.get(trial_id)))
+        trials.append(finish_trial(result, settings, trial_id, run_ids.get(trial_id), out_of_time=out_of_time,
+                                   input_example=example))
     trials.sort(key=lambda t: t["trial_id"])
     best = best_trial(trials, settings.metric)
-    report = _finish_parent(parent, trials, best, settings.metric)
+    report = _finish_parent(parent, trials, best, settings.metric, out_of_time=out_of_time)
     wall = time.perf_counter() - started
     return {"status": "completed", "trials": trials, "best": best["trial_id"] if best else None,
             "metric": settings.metric, "parent_run_id": parent.run_id,
             "tracking_uri": uri, "sweep_path": str(sweep_dir), "wall_time_s": wall,
-            "trial_train_time_s": sum(t["wall_time_s"] or 0.0 for t in trials), "report": report}
+            "trial_train_time_s": sum(t["wall_time_s"] or 0.0 for t in trials), "report": report,
+            "tune_time_s": tune_time, "time_budget_s": settings.time_budget_s, "out_of_time": out_of_time}
 
 
 def _trainable(data: PairDataset, settings: TrialSettings, sweep: Sweep, faults: Faults | None):
@@ -474,7 +553,7 @@ def _cluster_cpus() -> float:
 
 
 def _finish_parent(parent: TrackedRun, trials: list[dict[str, Any]], best: dict[str, Any] | None,
-                   metric: str) -> dict[str, Any]:
+                   metric: str, out_of_time: bool = False) -> dict[str, Any]:
     """The parent run gets the trials, the best trial's config and metrics, and the sweep report
     (importance, parallel coordinates, quality vs time with its Pareto front, the summary lines,
     which are also the run's MLflow description); return the report."""
@@ -482,6 +561,8 @@ def _finish_parent(parent: TrackedRun, trials: list[dict[str, Any]], best: dict[
 
     client, run_id = client_for(parent.uri), parent.run_id
     client.log_dict(run_id, {"trials": trials}, "trials.json")
+    if out_of_time:
+        client.set_tag(run_id, "ended_by", "time budget")
     if best:
         client.set_tag(run_id, "best_trial", best["trial_id"])
         for key in dict.fromkeys(("val_cosine", "val_top1", metric)):

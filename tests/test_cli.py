@@ -1,6 +1,7 @@
 """The CLI as users run it: `python -m orchestrator ...` in a subprocess."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,26 @@ def test_train_local_writes_the_summary_json(tmp_path, corpus_path):
     assert all("baselines identity" in line for line in validations)
     assert "INFO" not in result.stderr and "step 3: loss" not in result.stderr  # the loop's detail: train.log
     assert "step 3: loss" in (tmp_path / "run" / "train.log").read_text()
+    # MLflow's own system metrics of this machine, and the rows it trained and validated on
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    assert {i.tags[0].value: json.loads(i.dataset.source)["uri"] for i in run.inputs.dataset_inputs} == \
+        {"training": str(corpus_path), "validation": str(corpus_path)}
+
+    # the registered version's prediction, decoded to the corpus's nearest target texts
+    result = cli("load", f"models:/energy-lattice/{summary['model_version']}", "--mlflow-uri", summary["tracking_uri"],
+                 "--text", "os.path.join(a, *p)", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if "the model predicts" in line)
+    assert "identity baseline" in lines[header] and str(corpus_path) in lines[header - 1]
+    assert len(lines) == header + 6
+    # rank, then cosine and text for the prediction, then for the input itself (texts cut to 52 characters)
+    rows = [re.fullmatch(r"  (\d)  (.{6})  (.{52})  (.{6})  (.+)", line) for line in lines[header + 1:]]
+    assert all(rows) and [r[1] for r in rows] == ["1", "2", "3", "4", "5"], lines[header:]
+    for column in (2, 4):
+        cosines = [float(r[column]) for r in rows]
+        assert cosines == sorted(cosines, reverse=True) and all(-1 <= c <= 1 for c in cosines)
+    assert all(r[3].strip() and r[5].strip() for r in rows)
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -99,6 +120,14 @@ def test_a_tracking_uri_mlflow_cannot_use_is_one_line_naming_it_and_the_schemes(
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: MLflow tracking URI ftp://x has an unsupported scheme 'ftp'")
     assert "http://, https://, sqlite://, file://" in line
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_time_budget_that_is_no_duration_is_one_line(tmp_path):
+    result = cli("tune", "--space", str(REPO / "tune_spaces" / "spawn_convergence.yaml"), "--time-budget", "2 hours",
+                 cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --time-budget '2 hours' is not a duration; write e.g. 90s, 30m, 2h or 1h30m"
     assert not list(tmp_path.iterdir())
 
 

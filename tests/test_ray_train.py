@@ -1,5 +1,6 @@
 """Ray Train + MLflow with real parts: the shared local Ray instance, SQLite MLflow stores, and one
 real `mlflow server` process."""
+import dataclasses
 import json
 import os
 import socket
@@ -8,14 +9,19 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
 
 from orchestrator.checkpoint import load_model
+from orchestrator.data import validation_rows
 from orchestrator.faults import Faults
+from orchestrator.mlflow_model import predict_embeddings
 from orchestrator.ray_train import Launch, run_ray_train
-from orchestrator.tracking import TrackingConfigError, check_tracking_uri, load_registered_model
+from orchestrator.tracking import TrackingConfigError, check_tracking_uri, load_registered_model, rows_digest
+from orchestrator.train import load_data
 
 pytestmark = pytest.mark.ray
 
@@ -30,7 +36,7 @@ def history_steps(client, run_id, key):
 
 
 def test_two_workers_train_on_their_own_shards_and_rank0_logs_a_complete_run(tmp_path, ray_instance,
-                                                                             quick_config):
+                                                                             quick_config, monkeypatch):
     cfg = quick_config(max_steps=8)
     summary = run_ray_train(cfg, launch(tmp_path, workers=2))
     assert summary["status"] == "completed" and summary["steps"] == 8
@@ -54,21 +60,51 @@ def test_two_workers_train_on_their_own_shards_and_rank0_logs_a_complete_run(tmp
             "source_digest"} <= set(run.data.tags)
     assert run.data.tags["workers"] == "2" and run.data.tags["lattice"] == "8x8x8"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "plots", "decoded", "checkpoints"} <= artifacts
+    assert {"config.yaml", "plots", "decoded"} <= artifacts
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert plots == {f"plots/{n}.png" for n in ("output_surfaces", "flow_paths_xz", "completion_curve", "loss_curve",
                                                  "validation_vs_baselines")}
 
+    # MLflow's own system metrics, one series per node (both workers share this one: node_0), beside ours
+    assert {"system/node_0/cpu_utilization_percentage", "system/node_0/system_memory_usage_megabytes"} <= \
+        set(run.data.metrics), sorted(run.data.metrics)
+    assert run.data.metrics["system/node_0/system_memory_usage_megabytes"] > 0
+    assert not any(key.startswith("system/node_1/") for key in run.data.metrics)
+    # the data it trained and validated on, as MLflow dataset inputs with a digest of every row
+    data = load_data(cfg)
+    validation = validation_rows(data, cfg.val_max_samples)
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation"}
+    for context, split in (("training", data.train), ("validation", validation)):
+        assert inputs[context].digest == rows_digest(split) and inputs[context].name == "stdlib_pairs"
+        assert json.loads(inputs[context].source)["uri"] == cfg.data_path
+        assert json.loads(inputs[context].profile)["features_shape"] == [len(split), 384]
+
     version = client.get_model_version("energy-lattice", summary["model_version"])
     assert version.run_id == run.info.run_id and version.tags["lattice"] == "8x8x8"
     assert version.tags["preset"] == "smoke"
-    registered = load_registered_model(f"models:/energy-lattice/{summary['model_version']}", summary["tracking_uri"])
+    (logged,) = run.outputs.model_outputs
+    assert logged.model_id in version.source and logged.step == 8
+    uri = f"models:/energy-lattice/{summary['model_version']}"
+    registered = load_registered_model(uri, summary["tracking_uri"])
     trained = load_model(summary["checkpoint"])
     x = torch.nn.functional.normalize(torch.randn(4, 384), dim=-1)
-    torch.manual_seed(0)
-    expected = trained(x).embedding
-    torch.manual_seed(0)
-    torch.testing.assert_close(registered(x).embedding, expected, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        expected = trained(x).embedding
+        torch.manual_seed(0)
+        torch.testing.assert_close(registered(x).embedding, expected, rtol=0, atol=0)
+    # The version is an MLflow model: pyfunc loads it and predicts what the project's loader does
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", summary["tracking_uri"])
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    np.testing.assert_allclose(pyfunc.predict(x.numpy()), expected.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pyfunc.predict(x.numpy(), params={"seed": 3}), predict_embeddings(registered, x, seed=3),
+                               rtol=1e-5, atol=1e-6)
+    signature = pyfunc.metadata.signature
+    assert [(s.type, s.shape) for s in signature.inputs.inputs] == [(np.dtype("float32"), (-1, 384))]
+    assert [(s.type, s.shape) for s in signature.outputs.inputs] == [(np.dtype("float32"), (-1, 384))]
+    example = pyfunc.metadata.load_input_example(mlflow.artifacts.download_artifacts(uri))
+    np.testing.assert_array_equal(example, validation.input_emb[:2])
 
 
 def test_a_worker_killed_mid_run_is_restarted_without_losing_or_repeating_steps(tmp_path, ray_instance,
@@ -93,6 +129,20 @@ def test_non_finite_loss_ends_the_run_as_diverged_with_the_last_good_checkpoint(
     assert state["step"] == 4
     client = MlflowClient(summary["tracking_uri"])
     assert client.get_run(summary["mlflow_run_id"]).info.status == "FAILED"
+
+
+def test_a_datasets_digest_changes_with_any_of_its_rows(small_data):
+    split = small_data.train
+    assert rows_digest(split) == rows_digest(split.take(range(len(split))))
+    last = len(split) - 1  # past the rows MLflow's own numpy digest looks at
+    texts = list(split.target_texts)
+    texts[last] += "."
+    emb = split.target_emb.copy()
+    emb[last, 7] += 1e-3
+    changed = [dataclasses.replace(split, target_texts=texts), dataclasses.replace(split, target_emb=emb),
+               split.take(range(last))]
+    digests = {rows_digest(s) for s in changed} | {rows_digest(split)}
+    assert len(digests) == 4
 
 
 @pytest.mark.parametrize("uri", ["sqlite:////tmp/mlflow.db", "file:///tmp/mlruns", "/tmp/mlruns"])

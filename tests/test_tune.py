@@ -1,4 +1,5 @@
 """Ray Tune sweeps on the shared Ray instance, with MLflow parent/child runs in SQLite."""
+import csv
 import json
 import os
 import re
@@ -16,11 +17,14 @@ from orchestrator.config import make_config
 from orchestrator.faults import Faults
 from orchestrator.tracking import compare_runs
 from orchestrator.search_space import SpaceError, load_space
-from orchestrator.tune import (PBT_MUTABLE, Sweep, TrialSettings, clip_to_space, finish_trial, asha_limits,
-                               check_sweep, pbt_scheduler, run_sweep)
+from orchestrator.tune import (PBT_MUTABLE, Sweep, TrialSettings, clip_to_space, defaults_point, finish_trial,
+                               asha_limits, check_sweep, parse_duration, pbt_scheduler, run_sweep)
 
 REPO = Path(__file__).resolve().parents[1]
 SPACES = REPO / "tune_spaces"
+# What Tune takes to stop running trials and return once a sweep is out of time: it waits for each to
+# end itself, at its next report, then for its process to exit.
+STOP_TIME_S = 15.0
 
 
 # ---- search-space files (no Ray) ----------------------------------------------------------------
@@ -105,10 +109,38 @@ def test_optuna_refuses_the_grid_form_naming_the_keys(tmp_path):
     (dict(search="bayes"), "--search 'bayes' is not one of random, optuna"),
     (dict(metric="val_loss"), "--metric 'val_loss' is not one of val_cosine, lattice_gain, val_cosine_lattice_only, val_cosine_per_hour"),
     (dict(scheduler="pbt", pbt_interval=0), "--pbt-interval=0 must be at least 1 step"),
+    (dict(max_failures=-1), "--max-failures=-1 must be at least 0"),
+    (dict(time_budget_s=0.0), "--time-budget=0s must be more than 0 seconds"),
 ])
 def test_sweep_settings_that_cannot_work_are_refused(kw, problem):
     with pytest.raises(SpaceError, match=re.escape(problem)):
         Sweep(spaces=[], **kw)
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("30m", 1800), ("2h", 7200), ("1h30m", 5400), ("45", 45),
+                                           ("1.5h", 5400)])
+def test_a_time_budget_reads_as_a_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "2x", "h", "-3s", "1d", "soon"])
+def test_a_time_budget_that_is_no_duration_is_refused(text):
+    with pytest.raises(SpaceError, match=re.escape(f"--time-budget {text!r} is not a duration; write e.g. 90s")):
+        parse_duration(text)
+
+
+def test_optunas_first_trial_is_the_presets_own_values_when_the_space_holds_them(tmp_path, caplog):
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {loguniform: [1.0e-4, 1.0e-2]}\nmodel.convergence_patience: {randint: [1, 6]}\n"
+                     "model.mapper_rank: {quniform: [8, 32, 8]}\nmodel.skip: {choice: [true, false]}\n")
+    base = make_config("smoke", {"lr": 0.002})  # a --set counts as the user's own value
+    assert defaults_point(base, load_space([space])) == {
+        "sampled/lr": 0.002, "sampled/model.convergence_patience": base.model.convergence_patience,
+        "sampled/model.mapper_rank": base.model.mapper_rank, "sampled/model.skip": base.model.skip}
+    # randint's high is exclusive: a default of 6 lies outside {randint: [1, 6]}
+    base = make_config("smoke", {"model.convergence_patience": 6})
+    assert defaults_point(base, load_space([space])) is None
+    assert "model.convergence_patience=6 (space: randint[1, 6])" in caplog.text
 
 
 def test_pbt_varies_only_fields_that_may_change_while_training(tmp_path):
@@ -178,6 +210,15 @@ def test_sweep_of_four_trials_nests_one_child_run_per_trial_under_the_parent(tmp
     client = MlflowClient(summary["tracking_uri"])
     trials = summary["trials"]
     assert len(trials) == 4 and all(t["status"] == "completed" for t in trials), trials
+    # the first trial Tune created (its experiment tag counts them) is what a user gets without a
+    # sweep: the preset's own values
+    from ray.tune import ExperimentAnalysis
+    first = min(ExperimentAnalysis(summary["sweep_path"]).trials, key=lambda t: int(t.experiment_tag.split("_")[0]))
+    smoke = make_config("smoke")
+    assert next(t for t in trials if t["trial_id"] == first.trial_id)["params"] == {
+        "model.spawn_threshold": smoke.model.spawn_threshold, "lr": smoke.lr,
+        "model.convergence_patience": smoke.model.convergence_patience,
+        "model.max_spawn_per_step": smoke.model.max_spawn_per_step}
     for t in trials:  # Optuna's samples follow the space: types and bounds
         p, m = t["params"], t["metrics"]
         assert isinstance(p["model.spawn_threshold"], float) and 0.05 <= p["model.spawn_threshold"] <= 0.3
@@ -214,29 +255,71 @@ def test_sweep_of_four_trials_nests_one_child_run_per_trial_under_the_parent(tmp
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert all(t["steps"] == 10 for t in trials)
 
-    table = compare_runs("sweep-test", summary["tracking_uri"], top=3)
+    table = compare_runs("sweep-test", summary["tracking_uri"], top=3, csv_path=tmp_path / "compare.csv")
     assert table.count("\n") >= 3 and "model.spawn_threshold=" in table and best["trial_id"] in table
     header, first = table.splitlines()[:2]
     assert header.split()[3:5] == ["eval/cosine", "eval/top1"]
     assert first.split()[3] == f"{best['val_cosine']:.4f}"
     assert report["summary"] in table.replace("\n  ", "\n"), "compare prints the sweep's report summary"
+    # compare --csv: the table's rows, one per run, with the params that differ
+    with open(tmp_path / "compare.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    printed = [line.split() for line in table.splitlines()[1:4]]
+    assert [[r[k] for k in header.split()[:3]] for r in rows] == [p[:3] for p in printed]
+    assert [[f"{float(r[k]):.4f}" for k in header.split()[3:5]] for r in rows] == [p[3:5] for p in printed]
+    by_trial = {t["trial_id"]: t for t in trials}
+    for r in rows:
+        assert r["model.spawn_threshold"] == str(by_trial[r["run"]]["params"]["model.spawn_threshold"])
+        assert client.get_run(r["run_id"]).info.run_name == r["run"]
 
 
 @pytest.mark.ray
 def test_infeasible_trial_ends_with_its_reason_and_the_sweep_goes_on(tmp_path, ray_instance, corpus_path):
+    # ... and a trial whose process is killed once goes on from its last checkpoint (step 4 of 8)
     space = tmp_path / "sizes.yaml"
     space.write_text("preset: {grid: [smoke, scale-300]}\n")
     summary = run_sweep(sweep(tmp_path, corpus_path, spaces=[str(space)], num_samples=1, scheduler="fifo",
-                              trial_memory_gb=3.0))
+                              trial_memory_gb=3.0), faults=Faults(crash_at_step=6))
     by_preset = {t["params"]["preset"]: t for t in summary["trials"]}
-    assert by_preset["smoke"]["status"] == "completed"
+    retried = by_preset["smoke"]
+    assert retried["status"] == "completed" and retried["steps"] == 8 and retried["model_version"]
+    assert list((tmp_path / "ray").rglob(".fault-crash-at-6")), "the fault never fired"
+    assert retried["restarted_from_steps"] == [4] and retried["metrics"]["restarts"] == 1
+    client = MlflowClient(summary["tracking_uri"])
+    retried_run = client.get_run(retried["mlflow_run_id"])
+    assert retried_run.data.tags["restarted_from_steps"] == "4"
+    # the retry logged on into the same run: every validation once, none lost
+    assert [m.step for m in client.get_metric_history(retried_run.info.run_id, "eval/cosine")] == [0, 4, 8]
     infeasible = by_preset["scale-300"]
     assert infeasible["status"] == "infeasible" and infeasible["val_cosine"] is None
     assert "needs an estimated" in infeasible["reason"] and "over the budget of 3.00 GiB" in infeasible["reason"]
-    client = MlflowClient(summary["tracking_uri"])
     run = client.get_run(infeasible["mlflow_run_id"])
     assert run.data.tags["status"] == "infeasible" and run.data.tags["reason"] == infeasible["reason"]
     assert summary["best"] == by_preset["smoke"]["trial_id"]
+
+
+@pytest.mark.ray
+def test_a_sweep_ends_at_its_time_budget_with_every_trial_reported(tmp_path, ray_instance, corpus_path):
+    from ray.tune import ExperimentAnalysis
+    budget = 30.0
+    summary = run_sweep(sweep(tmp_path, corpus_path, num_samples=2, scheduler="fifo", max_steps=100_000,
+                              time_budget_s=budget))
+    assert summary["status"] == "completed" and summary["out_of_time"]
+    trials = summary["trials"]
+    assert len(trials) == 2 and all(t["status"] == "stopped" for t in trials), trials
+    for t in trials:
+        assert t["reason"].startswith("stopped by the sweep's time budget at step "), t["reason"]
+        assert 4 <= t["steps"] < 100_000 and t["model_version"], t
+    # Tune stops a trial at its next report: the sweep ends within its budget plus one validation
+    # interval (the longest a trial took between two reports), and the time Tune takes to stop the trials
+    reports = ExperimentAnalysis(summary["sweep_path"]).trial_dataframes.values()
+    interval = max(frame["wall_time_s"].diff().max() for frame in reports)
+    assert budget <= summary["tune_time_s"] <= budget + interval + STOP_TIME_S, (summary["tune_time_s"], interval)
+    client = MlflowClient(summary["tracking_uri"])
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.data.tags["ended_by"] == "time budget" and parent.info.status == "FINISHED"
+    assert "report/sweep_report.json" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert parent.data.tags["mlflow.note.content"] == summary["report"]["summary"]
 
 
 @pytest.mark.ray
