@@ -65,7 +65,16 @@ def _train_config(args):
         if not Path(args.data).exists():
             raise DatasetError(f"dataset {args.data} does not exist")
         overrides["data_path"] = str(args.data)
-    return make_config(args.preset, overrides)
+    cfg = make_config(args.preset, overrides)
+    if args.epochs is not None:  # steps from the rows this run trains on: the data is built and counted first
+        from .config import with_epochs
+        from .data import training_rows
+        from .ray_train import prepare_config
+        from .train import load_data
+        cfg = prepare_config(cfg)
+        rows = len(training_rows(load_data(cfg), cfg.train_rows).train)
+        cfg = with_epochs(cfg, args.epochs, rows, 1 if args.local else args.workers)
+    return cfg
 
 
 def _print_summary(summary: dict[str, Any], title: str) -> None:
@@ -151,9 +160,9 @@ def _train_ray(cfg, args) -> int:
 
 def cmd_train(args) -> int:
     from .tracking import resolve_tracking_uri
-    cfg = _train_config(args)  # validate before anything slow starts
     if args.workers < 1:
         raise UserError(f"--workers={args.workers} must be at least 1")
+    cfg = _train_config(args)  # validate before anything slow starts
     if not args.local:
         from .ray_train import check_gpu_share
         check_gpu_share(args.workers, args.gpus_per_worker)
@@ -532,7 +541,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", default="debug", choices=sorted(PRESETS))
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a config field, e.g. lr=1e-3 or model.spawn_threshold=0.2 (repeatable)")
-    train.add_argument("--max-steps", type=int, help="optimizer steps (the config's max_steps)")
+    length = train.add_mutually_exclusive_group()
+    length.add_argument("--max-steps", type=int, help="optimizer steps (the config's max_steps)")
+    length.add_argument("--epochs", type=float, help="passes over the training rows instead (validation and a "
+                                                     "checkpoint every tenth of the run)")
     train.add_argument("--data", help="Parquet/JSONL/CSV with input_text and target_text "
                                       "(default: the stdlib corpus, built on first use)")
     train.add_argument("--out", help="run folder (default runs/<preset>-<time>); a folder with "

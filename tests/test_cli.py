@@ -138,3 +138,16 @@ def test_a_sweep_whose_space_samples_the_report_schedule_is_refused_under_asha(t
     assert result.returncode == 2
     assert result.stderr.strip() == ("error: the space samples val_every, which ASHA's schedule is derived from; fix it "
                                      "with --set or --max-steps, or use --scheduler fifo")
+
+
+def test_train_for_epochs_counts_the_steps_from_the_rows_it_trains_on(tmp_path, corpus_path):
+    from orchestrator.cli import main
+    summary_file = tmp_path / "summary.json"
+    # 40 training rows, batch 8: half an epoch is 20 samples, 3 optimizer steps, a validation at each
+    assert main(["train", "--local", "--no-mlflow", "--preset", "smoke", "--epochs", "0.5", "--data", str(corpus_path),
+                 "--set", "max_rows=400", "--set", "train_rows=40", "--set", "val_max_samples=16",
+                 "--set", "batch_size=8", "--out", str(tmp_path / "run"), "--summary-json", str(summary_file)]) == 0
+    summary = json.loads(summary_file.read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 3
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted({m["step"] for m in metrics if "val_cosine" in m}) == [0, 1, 2, 3]
