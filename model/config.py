@@ -92,6 +92,9 @@ class ModelConfig:
                 "with its neighbours from step to step, and reads back its cell and the sample's mean "
                 "into the carrier at the next step (local and distant connections)", choices=INTERACTIONS)
     field_channels: int = knob(8, "values per cell of the interaction field", range="[1, 256]")
+    freeze_carrier: bool = knob(
+        False, "keep the neuron and the carrier (GRU and heads) at their initialisation and train only the "
+               "mapper, collector and skip scale: the ablation that measures what a trained carrier adds")
     field_resolution: int = knob(
         8, "cells of the interaction field along each axis (it spans the lattice whatever its size)",
         range="[2, 64]")
@@ -200,6 +203,7 @@ FIELDS_ADDED_LATER: dict[str, Any] = {
     "interaction": lambda saved: "none",
     "field_channels": lambda saved: 8,
     "field_resolution": lambda saved: 8,
+    "freeze_carrier": lambda saved: False,
 }
 
 

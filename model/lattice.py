@@ -242,6 +242,9 @@ class EnergyLattice(nn.Module):
                                      cfg.energy_update, cfg.plane_split, cfg.split_energy_gain, energy_channels=e,
                                      field_channels=cfg.field_channels if cfg.interaction == "field" else 0)
         self.collector = Collector(cfg.embed_dim, cfg.height, cfg.width, cfg.collector_rank, planes=2 * e)
+        if cfg.freeze_carrier:  # an optimizer skips parameters that never get a gradient
+            for p in [*self.neuron.parameters(), *self.carrier.parameters()]:
+                p.requires_grad_(False)
         # pred = skip_scale * embedding + collector(planes). The scale is a single learned number, so
         # the skip path alone can never be better than the identity baseline.
         self.skip_scale = nn.Parameter(torch.ones(())) if cfg.skip else None

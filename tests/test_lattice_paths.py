@@ -143,3 +143,19 @@ def test_a_checkpoint_from_before_this_model_is_refused_naming_the_fields(tmp_pa
     loaded = load_model(tmp_path / "old")
     assert loaded.cfg.energy_update == "replace" and loaded.cfg.plane_split == "arrival"
     assert loaded.mapper.row_factors.shape[0] == 16
+
+
+def test_a_frozen_carrier_stays_at_its_initialisation_while_the_rest_trains():
+    torch.manual_seed(0)
+    model = EnergyLattice(dataclasses.replace(SMOKE, freeze_carrier=True))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        lattice_loss(model(unit_inputs(8)), unit_inputs(8, seed=1), model.cfg).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = model.state_dict()
+    frozen = [k for k in before if k.startswith(("neuron.", "carrier."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not torch.equal(before["mapper.row_factors"], after["mapper.row_factors"])
+    assert not torch.equal(before["collector.out.weight"], after["collector.out.weight"])
