@@ -320,7 +320,7 @@ def cmd_study(args) -> int:
                   concurrency=args.concurrency, resume=args.resume, **_placement(args))
     setup_logging()
     print(f"study {study.experiment}: {study.cells()} cells ({len(study.presets)} lattices x {len(sizes)} data sizes x "
-          f"{study.seeds} seeds" + "".join(f" x {len(v)} {k}" for k, v in axes.items()) + ")", flush=True)
+          f"{study.seeds} seed{'s' if study.seeds > 1 else ''}" + "".join(f" x {len(v)} {k}" for k, v in axes.items()) + ")", flush=True)
     summary = run_study(study)
     if args.summary_json:
         _write_json(args.summary_json, summary)

@@ -145,7 +145,7 @@ def run_study(study: Study) -> dict[str, Any]:
     baseline_rows = {}
     for rows in sorted(study.data_sizes):
         baseline_rows[rows] = baselines(training_rows(data, rows).train, val)
-        log.info("baselines at %d training rows: ridge %.4f, kernel ridge %.4f (%d landmarks, fitted in %.0f s)", rows,
+        log.info("baselines at %d training rows: ridge %.4f, kernel ridge %.4f (%d landmarks; its fit took %.0f s)", rows,
                  baseline_rows[rows]["baseline_ridge_cosine"], baseline_rows[rows]["baseline_kernel_ridge_cosine"],
                  baseline_rows[rows]["baseline_kernel_ridge_landmarks"],
                  baseline_rows[rows].get("baseline_kernel_ridge_fit_s", 0.0))
@@ -223,7 +223,9 @@ def _switches(group: dict[str, Any], axes: list[str]) -> str:
     return ", ".join(f"{a}={group[a]}" for a in axes)
 
 
-def _beyond(diff: float, spread: float) -> str:
+def _beyond(diff: float, spread: float, seeds: int) -> str:
+    if seeds < 2:
+        return "no seed spread measured (one seed)"
     return "more than the seed spread" if abs(diff) > spread else "within the seed spread"
 
 
@@ -248,7 +250,7 @@ def answer(groups: list[dict[str, Any]], presets: list[str], axes: list[str]) ->
             where = f" ({_switches(a, axes)})" if axes else ""
             lines.append(f"At {rows:,} training rows{where}, {large} {'beats' if diff > 0 else 'trails'} {small} by "
                          f"{diff:+.4f} +- {spread:.4f} cosine ({b['val_cosine']:.4f} vs {a['val_cosine']:.4f}, "
-                         f"{b['seeds']} and {a['seeds']} seeds), {_beyond(diff, spread)}.")
+                         f"{b['seeds']} and {a['seeds']} seeds), {_beyond(diff, spread, min(a['seeds'], b['seeds']))}.")
     best = max(at, key=lambda g: g["val_cosine"])
     kernel, ridge = best.get("baseline_kernel_ridge_cosine"), best.get("baseline_ridge_cosine")
     if isinstance(kernel, (int, float)):
@@ -274,7 +276,7 @@ def answer(groups: list[dict[str, Any]], presets: list[str], axes: list[str]) ->
                 diff = b["val_cosine"] - a["val_cosine"]
                 spread = math.hypot(a["val_cosine_spread"], b["val_cosine_spread"])
                 lines.append(f"{axis}={other} against {first} ({a['preset']}): {diff:+.4f} +- {spread:.4f} cosine, "
-                             f"{_beyond(diff, spread)}.")
+                             f"{_beyond(diff, spread, min(a['seeds'], b['seeds']))}.")
     return " ".join(lines)
 
 

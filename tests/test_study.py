@@ -105,3 +105,9 @@ def test_a_study_runs_every_cell_as_a_child_run_and_reports_on_the_parent(tmp_pa
     assert parent.data.tags["kind"] == "study"
     assert parent.data.tags["mlflow.note.content"].startswith(summary["answer"])
     assert "At 400 training rows, scale-12" in summary["answer"] and "kernel ridge" in summary["answer"]
+
+
+def test_one_seed_measures_no_spread_and_says_so():
+    groups = group_cells([cell("scale-12", 100, 0, 0.50), cell("scale-24", 100, 0, 0.52)], [])
+    text = answer(groups, ["scale-12", "scale-24"], [])
+    assert "+0.0200 +- 0.0000 cosine (0.5200 vs 0.5000, 1 and 1 seeds), no seed spread measured (one seed)." in text
