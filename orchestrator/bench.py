@@ -16,8 +16,9 @@ so checkpointed presets show it as lower MFU.
 `--profile`: torch.profiler over two training steps per preset, the operators with the most self CPU
 time (and on a GPU the kernels with the most device time). `--compare REF`: the same training step
 timed on commit REF's model and on this working tree's, in two worker processes taking turns step
-by step, with the ratio of their medians: on a shared, noisy machine the ratio is the figure that
-means something. Both run bench_step.TrainStep, which this module's own timings use too.
+by step, with their ratios (of the medians, and turn by turn): on a shared, noisy machine the
+ratio is the figure that means something. Both run bench_step.TrainStep, which this module's own
+timings use too.
 """
 from __future__ import annotations
 
@@ -307,11 +308,13 @@ COLUMNS = (("preset", "{}"), ("batch", "{}"), ("forward_s", "{:.3f}"), ("train_s
 def format_table(result: dict[str, Any]) -> str:
     rows = [[fmt.format(figures[key]) if figures[key] is not None else "-" for key, fmt in COLUMNS]
             for figures in result["presets"].values()]
-    header = [key for key, _ in COLUMNS]
+    return "\n".join(_aligned([key for key, _ in COLUMNS], rows))
+
+
+def _aligned(header: list[str], rows: list[list[str]]) -> list[str]:
+    """The header and rows as lines of right-aligned columns."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines)
+    return ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in [header, *rows]]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -507,9 +510,7 @@ def format_compare(result: dict[str, Any]) -> str:
                          f"{f[ratio + '_tree_faster']}/{result['repeats']}"])
         rows.append([name, str(f["batch"]), "flow steps", f"{f['ref']['flow_steps']:.0f}",
                      f"{f['tree']['flow_steps']:.0f}", "", "", ""])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines.append("  ".join(h.rjust(w) for h, w in zip(header, widths)))
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
+    lines += _aligned(header, rows)
     for name, f in result["presets"].items():
         for side in ("ref", "tree"):
             if side + "_profile" in f:
