@@ -235,7 +235,7 @@ def cmd_tune(args) -> int:
     sweep = Sweep(
         spaces=args.space, preset=args.preset, sets=parse_sets(args.set or []), num_samples=args.num_samples,
         max_steps=args.max_steps, search=args.search, scheduler=args.scheduler, metric=args.metric,
-        pbt_interval=args.pbt_interval, seed=args.seed, workers_per_trial=args.workers_per_trial,
+        pbt_interval=args.pbt_interval, pbt_sync=args.pbt_sync, seed=args.seed, workers_per_trial=args.workers_per_trial,
         gpus_per_trial=args.gpus_per_trial,
         concurrency=args.concurrency, resume=args.resume, trial_memory_gb=args.trial_memory_gb, **_placement(args),
         max_failures=args.max_failures,
@@ -584,6 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="what the search, the scheduler and the report maximise: " +
                            "; ".join(f"{k}: {v}" for k, v in METRICS.items()))
     tune.add_argument("--pbt-interval", type=int, help="PBT: steps between exploits (default: checkpoint_every)")
+    tune.add_argument("--pbt-sync", action="store_true",
+                      help="PBT: every trial waits at each interval for the others, so the same trials exploit at "
+                           "the same steps in every run")
     tune.add_argument("--seed", type=int, help="seed of the optuna sampler")
     tune.add_argument("--resume", action="store_true", help="continue the interrupted sweep of --experiment")
     tune.add_argument("--trial-memory-gb", type=float, help="memory budget per trial for the planner "

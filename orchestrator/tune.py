@@ -189,6 +189,7 @@ class Sweep(Placement):
     scheduler: str = "asha"         # asha: stop weak trials early; fifo: run all to the end; pbt: exploit/explore
     metric: str = "val_cosine"      # what the search, the scheduler and the report maximise (METRICS)
     pbt_interval: int | None = None  # PBT: steps between exploits (default: the trials' checkpoint_every)
+    pbt_sync: bool = False  # PBT: trials wait for each other at every interval, so exploits repeat run to run
     seed: int | None = None          # the Optuna sampler's seed (random search: Tune's own)
     workers_per_trial: int = 1
     gpus_per_trial: float = 0.0
@@ -216,6 +217,8 @@ class Sweep(Placement):
                              "use --search random with it")
         if self.pbt_interval is not None and self.pbt_interval < 1:
             raise SpaceError(f"--pbt-interval={self.pbt_interval} must be at least 1 step")
+        if self.pbt_sync and self.scheduler != "pbt":
+            raise SpaceError(f"--pbt-sync paces Population Based Training; --scheduler {self.scheduler} has no exploits")
 
 
 def parse_duration(text: str) -> float:
@@ -245,7 +248,7 @@ def check_sweep(sweep: Sweep, base: TrainConfig, space: SearchSpace) -> tuple[An
         scheduler = ASHAScheduler(time_attr="step", max_t=max_t, reduction_factor=2, grace_period=grace_period,
                                   stop_last_trials=False)  # a trial ends itself, after its summary
     elif sweep.scheduler == "pbt":
-        scheduler = pbt_scheduler(base, space, sweep.pbt_interval)
+        scheduler = pbt_scheduler(base, space, sweep.pbt_interval, sweep.pbt_sync)
     else:
         scheduler = None
     return scheduler, searcher
@@ -314,13 +317,19 @@ def _refuse_sampled_schedule(space: SearchSpace, scheduler: str) -> None:
                          f"{'it' if len(sampled) == 1 else 'them'} with --set or --max-steps, or use --scheduler fifo")
 
 
-def pbt_scheduler(cfg: TrainConfig, space: SearchSpace, interval: int | None):
+def pbt_scheduler(cfg: TrainConfig, space: SearchSpace, interval: int | None, sync: bool = False):
     """Population Based Training over the space's PBT_MUTABLE fields, in optimizer steps.
 
     An exploit restores the donor's latest *reported* checkpoint, so exploits happen only at steps
     that report one: the interval defaults to checkpoint_every and must be a multiple of it.
     Perturbed values are clipped to the space's bounds (a threshold pushed past its allowed range
-    would fail the trial instead of exploring)."""
+    would fail the trial instead of exploring).
+
+    Asynchronous by default (Ray's PBT): a trial is judged against the others' latest scores when it
+    reaches an interval, so which trial copies which depends on the order they report in. `sync`
+    pauses each trial at every interval until the whole population is there (the paper's
+    synchronous PBT): the same trials exploit at the same steps in every run, at the cost of fast
+    trials waiting for slow ones."""
     from .pbt import PBTBeforeTheLastStep
     _refuse_sampled_schedule(space, "PBT")
     mutable = {key: spec for key, spec in space.entries.items() if key in PBT_MUTABLE}
@@ -333,7 +342,7 @@ def pbt_scheduler(cfg: TrainConfig, space: SearchSpace, interval: int | None):
                          f"a trial can only copy a checkpoint its donor reported")
     domains = space.param_space()
     return PBTBeforeTheLastStep(
-        last_step=cfg.max_steps, time_attr="step", perturbation_interval=interval,
+        last_step=cfg.max_steps, time_attr="step", perturbation_interval=interval, synch=sync,
         hyperparam_mutations={"sampled": {key: domains[key] for key in mutable}},
         custom_explore_fn=functools.partial(clip_to_space, bounds={
             key: (args[0], args[1] - 1 if dist == "randint" else args[1])  # randint's upper bound is exclusive

@@ -109,6 +109,7 @@ def test_optuna_refuses_the_grid_form_naming_the_keys(tmp_path):
     (dict(search="bayes"), "--search 'bayes' is not one of random, optuna"),
     (dict(metric="val_loss"), "--metric 'val_loss' is not one of val_cosine, lattice_gain, val_cosine_lattice_only, val_cosine_per_hour"),
     (dict(scheduler="pbt", pbt_interval=0), "--pbt-interval=0 must be at least 1 step"),
+    (dict(scheduler="asha", pbt_sync=True), "--pbt-sync paces Population Based Training; --scheduler asha has no"),
     (dict(max_failures=-1), "--max-failures=-1 must be at least 0"),
     (dict(time_budget_s=0.0), "--time-budget=0s must be more than 0 seconds"),
 ])
@@ -387,19 +388,21 @@ def test_an_interrupted_optuna_sweep_resumes_without_rerunning_finished_trials(t
 
 @pytest.mark.ray
 def test_a_pbt_exploit_continues_from_the_donors_checkpoint(tmp_path, ray_instance, corpus_path):
+    # Synchronous PBT, so not a race: both trials wait at step 4 until the other is there,
+    # then the lower one copies the upper one, whichever order they reported in.
     space = tmp_path / "pbt.yaml"
     space.write_text("lr: {loguniform: [1.0e-4, 1.0e-2]}\nmodel.spawn_threshold: {uniform: [0.05, 0.3]}\n")
     summary = run_sweep(sweep(tmp_path, corpus_path, spaces=[str(space)], num_samples=2, scheduler="pbt",
-                              max_steps=20, concurrency=2))
-    assert all(t["status"] == "completed" and t["steps"] == 20 for t in summary["trials"]), summary["trials"]
+                              max_steps=8, concurrency=2, pbt_sync=True))
+    assert all(t["status"] == "completed" and t["steps"] == 8 for t in summary["trials"]), summary["trials"]
     exploits = [(t, entry) for t in summary["trials"] for entry in t["resumed_from"]
                 if entry["trial"] == t["trial_id"] and entry["saved_by"] != t["trial_id"]]
-    assert exploits, "no trial exploited another in 20 steps with an interval of 4"
+    assert exploits, "no trial exploited another in 8 steps with an interval of 4"
     for trial, entry in exploits:
         donor_checkpoint = Path(entry["checkpoint"])
         assert entry["saved_by"] != trial["trial_id"] and entry["saved_by"] in donor_checkpoint.parent.name
         donor_step = json.loads((donor_checkpoint / META_FILE).read_text())["step"]
-        assert entry["step"] == donor_step < 20, "no exploit at the last step"
+        assert entry["step"] == donor_step < 8, "no exploit at the last step"
         assert entry["next_report_step"] == donor_step + 4, "the next report continues from the donor's step"
         assert trial["metrics"]["exploits"] >= 1
         explored = trial["params"]
