@@ -1,12 +1,15 @@
 """The README's shell commands, read from the README itself, so that the tests run what a reader types."""
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+# The README and the topic pages it links: their commands are checked alike.
+PAGES = [README, *sorted((REPO / "docs").rglob("*.md"))]
 # What a fresh login shell has on PATH before the README adds anything.
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PROGRAMS = ("source", "make", "python", "ray", "mlflow")
@@ -60,8 +63,8 @@ def readme_commands(text: str | None = None) -> list[Command]:
     commands = []
     for index, block in enumerate(_code_blocks(text)):
         for line in _join_continuations(block):
-            try:
-                words = shlex.split(line, comments=True)
+            try:  # a command substitution is one word to the program that runs the line
+                words = shlex.split(re.sub(r"\$\([^()]*\)", "SUBSTITUTED", line), comments=True)
             except ValueError:
                 continue  # not shell (program output, a layout sketch)
             while words and "=" in words[0] and not words[0].startswith("-"):
@@ -69,6 +72,11 @@ def readme_commands(text: str | None = None) -> list[Command]:
             if words and words[0].removeprefix(VENV_BIN) in PROGRAMS:
                 commands.append(Command(line, words, index))
     return commands
+
+
+def page_commands() -> list[tuple[Path, Command]]:
+    """Every command of every page in PAGES, with the page it is printed on."""
+    return [(page, command) for page in PAGES for command in readme_commands(page.read_text())]
 
 
 def tour_block(commands: list[Command], containing: str) -> list[Command]:

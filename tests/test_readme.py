@@ -7,9 +7,12 @@ import subprocess
 
 import pytest
 
-from readme_commands import README, REPO, SYSTEM_PATH, Command, readme_commands
+import re
+
+from readme_commands import README, REPO, SYSTEM_PATH, Command, page_commands, readme_commands
 
 COMMANDS = readme_commands()
+PAGE_COMMANDS = page_commands()
 ACTIVATE = "source .venv/bin/activate"
 
 
@@ -87,9 +90,23 @@ def check_command(command: Command) -> None:
         pytest.fail(f"the README runs {command.text!r}, which this test does not know how to check")
 
 
-@pytest.mark.parametrize("command", COMMANDS, ids=[c.text[:60] for c in COMMANDS])
-def test_every_readme_command_is_accepted_by_the_program_it_runs(command):
+@pytest.mark.parametrize("page,command", PAGE_COMMANDS,
+                         ids=[f"{page.relative_to(REPO)}: {c.text[:50]}" for page, c in PAGE_COMMANDS])
+def test_every_command_of_the_readme_and_docs_is_accepted_by_the_program_it_runs(page, command):
     check_command(command)
+
+
+def test_the_readme_is_a_front_door_whose_links_all_resolve():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 200, "the README is the front door: topics belong in docs/"
+    pages = {REPO / "README.md", *(REPO / "docs").rglob("*.md")}
+    for page in sorted(pages):
+        for target in re.findall(r"\]\(([^)#]+?)(?:#[^)]*)?\)", page.read_text()):
+            if not target.startswith(("http://", "https://")):
+                assert (page.parent / target).exists(), f"{page.relative_to(REPO)} links {target}, which does not exist"
+    linked = set(re.findall(r"\]\((docs/[^)#]+\.md)", text))
+    topics = {f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")}
+    assert topics <= linked, f"the README does not link {sorted(topics - linked)}"
 
 
 def test_the_readme_links_the_architecture_notes_it_ships():
