@@ -157,7 +157,7 @@ def run_study(study: Study) -> dict[str, Any]:
     summary = run_sweep(sweep, space=study.space(), epochs=study.epochs)
     if summary["status"] != "completed":
         return {**summary, "cells": [], "parent_run_id": summary["parent_run_id"]}
-    cells = study_cells(summary["trials"], baseline_rows, list(study.axes))
+    cells = study_cells(summary["trials"], baseline_rows, study.axes)
     report = report_study(cells, study, summary)
     return {"status": "completed", "parent_run_id": summary["parent_run_id"], "tracking_uri": summary["tracking_uri"],
             "experiment": study.experiment, "request": _request(study), "cells": cells, "groups": report["groups"],
@@ -171,9 +171,11 @@ def _request(study: Study) -> dict[str, Any]:
 
 
 def study_cells(trials: list[dict[str, Any]], baseline_rows: dict[int, dict[str, float]],
-                axes: list[str]) -> list[dict[str, Any]]:
+                axes: dict[str, list[Any]]) -> list[dict[str, Any]]:
     """One entry per trial: its grid values, its final validation metrics (None where it did not
-    finish) and the baselines of its data size."""
+    finish) and the baselines of its data size. Sorted as the study was asked for: presets smallest
+    first, then rows, then each switch's values in the order given (so the answer compares the later
+    values against the first, e.g. field against none)."""
     cells = []
     for trial in trials:
         params, final = trial["params"], trial.get("final") or {}
@@ -185,7 +187,9 @@ def study_cells(trials: list[dict[str, Any]], baseline_rows: dict[int, dict[str,
         cell.update({k: v for k, v in baseline_rows[rows].items() if k.startswith("baseline_")})
         cells.append(cell)
     order = {p: i for i, p in enumerate(PRESETS)}
-    return sorted(cells, key=lambda c: (order.get(c["preset"], 0), c["rows"], *(str(c[a]) for a in axes), c["seed"]))
+    return sorted(cells, key=lambda c: (order.get(c["preset"], 0), c["rows"],
+                                        *(values.index(c[a]) if c[a] in values else len(values) for a, values in axes.items()),
+                                        c["seed"]))
 
 
 def _mean_spread(values: list[float]) -> tuple[float, float]:
@@ -275,7 +279,8 @@ def answer(groups: list[dict[str, Any]], presets: list[str], axes: list[str]) ->
             for a, b in pairs:
                 diff = b["val_cosine"] - a["val_cosine"]
                 spread = math.hypot(a["val_cosine_spread"], b["val_cosine_spread"])
-                lines.append(f"{axis}={other} against {first} ({a['preset']}): {diff:+.4f} +- {spread:.4f} cosine, "
+                where = ", ".join([a["preset"], *(f"{x}={a[x]}" for x in axes if x != axis)])
+                lines.append(f"{axis}={other} against {first} ({where}): {diff:+.4f} +- {spread:.4f} cosine, "
                              f"{_beyond(diff, spread, min(a['seeds'], b['seeds']))}.")
     return " ".join(lines)
 

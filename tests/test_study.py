@@ -6,7 +6,7 @@ import pytest
 from mlflow import MlflowClient
 
 from orchestrator.cli import main
-from orchestrator.study import Study, StudyError, answer, format_table, group_cells, parse_axes
+from orchestrator.study import Study, StudyError, answer, format_table, group_cells, parse_axes, study_cells
 
 
 def cell(preset, rows, seed, cosine, **extra):
@@ -65,6 +65,23 @@ def test_a_switch_is_compared_within_each_lattice_and_an_unfinished_cell_is_left
     assert (four["seeds"], four["of_seeds"]) == (2, 3)
     text = answer(groups, ["scale-12"], ["model.energy_channels"])
     assert "model.energy_channels=4 against 1 (scale-12): +0.0050 +- 0.0100 cosine, within the seed spread" in text
+
+
+def test_cells_keep_the_order_the_switches_were_given_in_and_name_the_other_switches():
+    axes = {"model.interaction": ["none", "field"], "model.energy_channels": [1, 4]}
+    trials = [{"params": {"preset": "scale-12", "train_rows": 100, "seed": seed, "model.interaction": inter,
+                          "model.energy_channels": channels},
+               "final": {"val_cosine": 0.5 + 0.01 * (inter == "field") + 0.001 * channels + 0.0001 * seed,
+                         "val_top1": 0.3, "val_cosine_lattice_only": 0.4},
+               "status": "completed", "trial_id": f"t{i}", "mlflow_run_id": None, "model_version": None}
+              for i, (inter, channels, seed) in enumerate([(i, c, s) for i in ("field", "none") for c in (4, 1)
+                                                             for s in (0, 1)])]
+    cells = study_cells(trials, {100: {"baseline_ridge_cosine": 0.4}}, axes)
+    assert [(c["model.interaction"], c["model.energy_channels"], c["seed"]) for c in cells][:3] == [
+        ("none", 1, 0), ("none", 1, 1), ("none", 4, 0)]
+    text = answer(group_cells(cells, list(axes)), ["scale-12"], list(axes))
+    assert "model.interaction=field against none (scale-12, model.energy_channels=1): +0.0100" in text
+    assert "model.energy_channels=4 against 1 (scale-12, model.interaction=none): +0.0030" in text
 
 
 @pytest.mark.ray
