@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # The main job on the embedded defaults: local Ray, MLflow in ./mlflow.db, checkpoints in ./ray_results.
 run: install
-	$(PY) jobs/progressive_scaling.py --stages scale-12,scale-24 --steps-per-stage 1000,200 \
+	$(PY) jobs/progressive_scaling.py --stages scale-12,scale-24 --steps-per-stage 600,100 \
 		--summary-json runs/progressive_scaling.json
 
 test: install
