@@ -11,7 +11,7 @@ file with just the two text columns; it is embedded with the teacher on load (th
 teacher's on-disk cache, so only once).
 
 The project builds three corpora (CORPORA): the stdlib corpus from text that ships with Python
-(orchestrator/corpus_stdlib.py, the default), numpydoc parameters (corpus_params.py) and the GCIDE
+(orchestrator/data/corpus_stdlib.py, the default), numpydoc parameters (corpus_params.py) and the GCIDE
 dictionary (corpus_dictionary.py, ~106,000 pairs, for studies of scale); `ensure_corpus` builds,
 embeds and writes one on first use.
 
@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .files import atomic_write
+from ..files import atomic_write
 from .teacher import DEFAULT_TEACHER, Teacher
 
 logger = logging.getLogger(__name__)
