@@ -139,6 +139,13 @@ def test_launch_and_perf_do_not_import_each_other():
     assert not across, "\n".join(across)
 
 
+def test_the_repository_root_that_modules_compute_from_their_own_path_is_the_repository():
+    # bench --compare runs git and its workers there; a module moved a folder deeper must count one more
+    from orchestrator import code_version
+    from orchestrator.perf import bench
+    assert bench.REPO_ROOT == REPO and code_version.PROJECT_ROOT == REPO
+
+
 def test_the_model_and_the_training_loop_import_without_ray_and_mlflow(tmp_path):
     # gpu-check's import blocker: ray, mlflow and the teacher package look uninstalled in the child
     site = tmp_path / "site"

@@ -349,7 +349,7 @@ class CompareError(ValueError):
     """`bench --compare` cannot run: the reference is no commit here, or one side's model failed."""
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # orchestrator/perf/bench.py -> the repository
 
 
 def _git(*args: str) -> subprocess.CompletedProcess:

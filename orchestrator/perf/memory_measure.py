@@ -64,7 +64,7 @@ def measure_peak_bytes(model_cfg: ModelConfig, batch: int, *, device: str = "cpu
     alloc_conf (CUDA): PYTORCH_CUDA_ALLOC_CONF for the subprocess ("" for torch's defaults); the
     allocator reads it once, when CUDA starts, hence a fresh process per setting."""
     spec = json.dumps({"model": dataclasses.asdict(model_cfg), "batch": batch, "device": device})
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # the repository: orchestrator/perf/memory_measure.py, two up
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
     if live_only and device == "cpu":
