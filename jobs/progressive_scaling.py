@@ -3,7 +3,7 @@
     python jobs/progressive_scaling.py --stages scale-12,scale-24 --steps-per-stage 100
     ray job submit --working-dir . -- python jobs/progressive_scaling.py --workers 4 --gpus-per-worker 1
 
-It takes the same flags as `python -m orchestrator scale` (see orchestrator/progressive.py).
+It takes the same flags as `python -m orchestrator scale` (see orchestrator/launch/progressive.py).
 """
 import sys
 from pathlib import Path

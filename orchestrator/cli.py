@@ -17,13 +17,13 @@ from typing import Any, Callable
 from model.config import ConfigError
 
 from .checkpoint import CheckpointError
-from .console import setup_logging
-from .data import DatasetError
+from .data.datasets import DatasetError
+from .data.teacher import DEFAULT_TEACHER
+from .launch.search_space import SpaceError
+from .launch.study import StudyError
+from .observe.console import setup_logging
+from .observe.tracking import TrackingConfigError
 from .planner import MemoryBudgetError
-from .tracking import TrackingConfigError
-from .search_space import SpaceError
-from .study import StudyError
-from .teacher import DEFAULT_TEACHER
 
 EXIT_USAGE = 2
 MLFLOW_URI_HELP = "tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
@@ -68,8 +68,8 @@ def _train_config(args):
     cfg = make_config(args.preset, overrides)
     if args.epochs is not None:  # steps from the rows this run trains on: the data is built and counted first
         from .config import with_epochs
-        from .data import training_rows
-        from .ray_train import prepare_config
+        from .data.datasets import training_rows
+        from .launch.ray_train import prepare_config
         from .train import load_data
         cfg = prepare_config(cfg)
         rows = len(training_rows(load_data(cfg), cfg.train_rows).train)
@@ -89,7 +89,7 @@ def _print_mlflow(summary: dict[str, Any], experiment: str) -> None:
     if summary.get("mlflow_run_id"):
         print(f"\n  MLflow run   {summary['mlflow_run_id']}   registered energy-lattice version "
               f"{summary.get('model_version')}")
-        from .tracking import browse_lines, experiment_id
+        from .observe.tracking import browse_lines, experiment_id
         browse = browse_lines(summary["tracking_uri"], experiment_id(summary["tracking_uri"], experiment))
         print(f"  browse       {browse[0]}")
         for line in browse[1:]:
@@ -102,10 +102,11 @@ def _train_local(cfg, args, faults=None) -> int:
     from model.config import flatten
 
     from .config import run_tags
-    from .console import ConsoleTracker
-    from .context import FileTracker, LocalContext, TrackerGroup, best_checkpoint
-    from .data import corpus_path, training_rows, validation_rows
-    from .tracking import EXAMPLE_ROWS, TrackedRun, resolve_tracking_uri
+    from .context import LocalContext, best_checkpoint
+    from .data.datasets import corpus_path, training_rows, validation_rows
+    from .observe.console import ConsoleTracker
+    from .observe.trackers import FileTracker, TrackerGroup
+    from .observe.tracking import EXAMPLE_ROWS, TrackedRun, resolve_tracking_uri
     from .train import load_data, train_loop
 
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -141,7 +142,7 @@ def _train_local(cfg, args, faults=None) -> int:
 
 
 def _train_ray(cfg, args) -> int:
-    from .ray_train import Launch, run_ray_train
+    from .launch.ray_train import Launch, run_ray_train
     setup_logging()
     launch = Launch(**_placement(args), **_worker_group(args), max_failures=args.max_failures, run_name=args.name)
     summary = run_ray_train(cfg, launch)
@@ -159,12 +160,12 @@ def _train_ray(cfg, args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .tracking import resolve_tracking_uri
+    from .observe.tracking import resolve_tracking_uri
     if args.workers < 1:
         raise UserError(f"--workers={args.workers} must be at least 1")
     cfg = _train_config(args)  # validate before anything slow starts
     if not args.local:
-        from .ray_train import check_gpu_share
+        from .launch.ray_train import check_gpu_share
         check_gpu_share(args.workers, args.gpus_per_worker)
     if not args.no_mlflow:
         resolve_tracking_uri(args.mlflow_uri)
@@ -175,7 +176,7 @@ def cmd_load(args) -> int:
     from model import count_parameters
 
     from .checkpoint import load_checkpoint, load_model
-    from .tracking import download_checkpoint
+    from .observe.tracking import download_checkpoint
     if args.data is not None and not Path(args.data).exists():
         raise DatasetError(f"dataset {args.data} does not exist")
     path = download_checkpoint(args.model_uri, args.mlflow_uri) if args.model_uri.startswith("models:/") \
@@ -197,9 +198,9 @@ def _print_nearest_targets(model, train_config: dict[str, Any], args, k: int = 5
     import torch
     import torch.nn.functional as F
 
-    from .data import ensure_corpus, load_dataset
-    from .mlflow_model import seeded_forward
-    from .teacher import Teacher
+    from .data.datasets import ensure_corpus, load_dataset
+    from .data.teacher import Teacher
+    from .observe.mlflow_model import seeded_forward
     teacher = Teacher(args.teacher or train_config.get("teacher") or DEFAULT_TEACHER)
     corpus = args.data or train_config.get("data_path")
     if not corpus or not Path(corpus).exists():
@@ -229,9 +230,9 @@ def _print_nearest_targets(model, train_config: dict[str, Any], args, k: int = 5
 
 def cmd_tune(args) -> int:
     from .config import parse_sets
-    from .console import tool_command
-    from .tracking import browse_lines, experiment_id
-    from .tune import Sweep, parse_duration, run_sweep
+    from .launch.tune import Sweep, parse_duration, run_sweep
+    from .observe.console import tool_command
+    from .observe.tracking import browse_lines, experiment_id
     sweep = Sweep(
         spaces=args.space, preset=args.preset, sets=parse_sets(args.set or []), num_samples=args.num_samples,
         max_steps=args.max_steps, search=args.search, scheduler=args.scheduler, metric=args.metric,
@@ -275,7 +276,7 @@ def cmd_tune(args) -> int:
 
 def cmd_scale(args) -> int:
     from .config import parse_sets
-    from .progressive import ScalingJob, print_table, run_job
+    from .launch.progressive import ScalingJob, print_table, run_job
     try:
         steps = [int(s) for s in args.steps_per_stage.split(",")]
     except ValueError:
@@ -302,7 +303,7 @@ def cmd_scale(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from .study import Study, parse_axes, run_study
+    from .launch.study import Study, parse_axes, run_study
     try:
         sizes = [int(n.replace("_", "")) for n in args.data_sizes.split(",") if n.strip()]
     except ValueError:
@@ -328,7 +329,7 @@ def cmd_study(args) -> int:
         print(f"\nstudy {study.experiment} {summary['status']}; continue it with the same command plus --resume.")
         return 1
     print("\n" + summary["table"] + "\n\n" + summary["answer"])
-    from .tracking import browse_lines, experiment_id
+    from .observe.tracking import browse_lines, experiment_id
     print(f"\n  MLflow parent run {summary['parent_run_id']} (study/ holds the plot, the cells and the table)")
     for line in browse_lines(summary["tracking_uri"], experiment_id(summary["tracking_uri"], study.experiment)):
         print(f"  {line}")
@@ -338,7 +339,7 @@ def cmd_study(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .tracking import compare_runs
+    from .observe.tracking import compare_runs
     print(compare_runs(args.experiment, args.mlflow_uri, top=args.top, csv_path=args.csv))
     if args.csv:
         print(f"\nwrote {args.csv}")
@@ -349,8 +350,8 @@ def cmd_compare(args) -> int:
 # data
 
 def cmd_data_build(args) -> int:
-    from .data import build_corpus, load_dataset
-    from .teacher import Teacher
+    from .data.datasets import build_corpus, load_dataset
+    from .data.teacher import Teacher
     if args.max_pairs is not None and args.max_pairs < 1:
         raise UserError(f"--max-pairs={args.max_pairs} must be at least 1")
     setup_logging()
@@ -365,7 +366,7 @@ def cmd_data_build(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# bench and plan (performance; see orchestrator/bench.py and orchestrator/planner.py)
+# bench and plan (performance; see orchestrator/perf/bench.py and orchestrator/planner.py)
 
 def _model_overrides(pairs: list[str] | None) -> dict[str, Any]:
     """`--set model.key=value` pairs as ModelConfig overrides (bench and plan take no training fields)."""
@@ -379,7 +380,7 @@ def _model_overrides(pairs: list[str] | None) -> dict[str, Any]:
 
 def cmd_bench(args) -> int:
     from model.config import apply_overrides, preset
-    from . import bench
+    from .perf import bench
     overrides = _model_overrides(args.set)
     if args.batch is not None and args.batch < 1 or args.repeats < 1 or args.threads is not None and args.threads < 1:
         raise UserError("--batch, --repeats and --threads must be at least 1")
@@ -411,7 +412,7 @@ def cmd_bench(args) -> int:
 
 def cmd_bench_quality(args) -> int:
     from .config import make_config, parse_sets
-    from .quality import format_quality_table, run_quality_bench
+    from .perf.quality import format_quality_table, run_quality_bench
     sets = parse_sets(args.set or [])
     if args.steps is not None:
         sets["max_steps"] = args.steps
@@ -433,7 +434,7 @@ def cmd_bench_quality(args) -> int:
 def cmd_plan(args) -> int:
     from model.config import preset
     from .memory import EXPANDABLE_SEGMENTS, available_memory_bytes
-    from .memory_measure import measure_peak_bytes
+    from .perf.memory_measure import measure_peak_bytes
     from .planner import GiB, check_batch, estimate_peak_bytes, plan_batch
     cfg = preset(args.preset, **_model_overrides(args.set)).resolved()
     if args.budget_gb is not None and args.budget_gb <= 0:
@@ -479,7 +480,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_gpu_check(args) -> int:
-    from .gpu_check import PARTS, format_table, run_gpu_check
+    from .perf.gpu_check import PARTS, format_table, run_gpu_check
     parts = [p.strip() for p in args.parts.split(",")] if args.parts else None
     unknown = sorted(set(parts or []) - set(PARTS))
     if unknown:
@@ -567,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--teacher", help="teacher that embeds --text (default: the one the model trained with)")
     load.set_defaults(func=cmd_load)
 
-    from .tune import METRICS, SCHEDULERS, SEARCHES
+    from .launch.tune import METRICS, SCHEDULERS, SEARCHES
     tune = sub.add_parser("tune", help="sweep hyperparameters with Ray Tune")
     tune.add_argument("--space", action="append", required=True, help="search-space YAML (repeatable; merged)")
     tune.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
@@ -598,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
                       per_trial=True)
     tune.set_defaults(func=cmd_tune)
 
-    from .progressive import DEFAULT_STAGES, ScalingJob
+    from .launch.progressive import DEFAULT_STAGES, ScalingJob
     scale = sub.add_parser("scale", help="progressive scaling: train stage after stage on growing lattices, each "
                                          "from the last one's weights (also: python jobs/progressive_scaling.py)")
     scale.add_argument("--stages", default=",".join(DEFAULT_STAGES), help="comma-separated presets, smallest first")

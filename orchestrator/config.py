@@ -13,7 +13,7 @@ from typing import Any
 from model.config import (ConfigError, ModelConfig, apply_overrides, flatten, from_dict, knob, parse_value,
                           preset, validate)
 
-from .teacher import DEFAULT_TEACHER
+from .data.teacher import DEFAULT_TEACHER
 
 
 @dataclass(frozen=True)

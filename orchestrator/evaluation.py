@@ -23,9 +23,9 @@ from torch import Tensor
 
 from model import EnergyLattice, lattice_loss
 
-from .data import Split
+from .data.datasets import Split
+from .data.teacher import default_cache_dir
 from .files import atomic_write
-from .teacher import default_cache_dir
 
 
 @dataclass

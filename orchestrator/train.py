@@ -34,13 +34,14 @@ from model.config import flatten
 
 from .checkpoint import check_compatible
 from .config import ConfigError, TrainConfig, config_from_dict, resolved, run_tags
-from .context import LocalContext, RunContext, Tracker, all_gather, step_check
-from .data import PairDataset, Split, ensure_corpus, load_dataset, shard, training_rows, validation_rows
+from .context import LocalContext, RunContext, all_gather, step_check
+from .data.datasets import PairDataset, Split, ensure_corpus, load_dataset, shard, training_rows, validation_rows
 from .evaluation import Decoded, baselines, evaluate, example_rows, finish_metrics, text_metrics
 from .faults import Faults
 from .memory import keep_freed_memory, peak_memory_bytes, reset_peak_memory, use_expandable_segments
-from .plots import make_plots
-from .tracking import VALIDATION_KEYS, log_config
+from .observe.plots import make_plots
+from .observe.trackers import Tracker
+from .observe.tracking import VALIDATION_KEYS, log_config
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ def load_data(cfg: TrainConfig) -> PairDataset:
 
     The teacher loads lazily, so it costs nothing when the file already carries its embeddings.
     """
-    from .teacher import Teacher
+    from .data.teacher import Teacher
     teacher = Teacher(cfg.teacher)
     path = Path(cfg.data_path) if cfg.data_path else ensure_corpus(teacher=teacher, corpus=cfg.corpus)
     return load_dataset(path, teacher=teacher, embed_dim=cfg.model.embed_dim, val_fraction=cfg.val_fraction,

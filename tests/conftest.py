@@ -12,14 +12,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads during tests
 
 @pytest.fixture(scope="session")
 def corpus_path() -> Path:
-    from orchestrator.data import ensure_corpus
+    from orchestrator.data.datasets import ensure_corpus
     return ensure_corpus()
 
 
 @pytest.fixture(scope="session")
 def small_data(corpus_path):
     """The first 1,200 corpus rows, split as training would split them."""
-    from orchestrator.data import load_dataset
+    from orchestrator.data.datasets import load_dataset
     return load_dataset(corpus_path, embed_dim=384, max_rows=1200)
 
 
@@ -28,7 +28,7 @@ def ray_instance():
     """One embedded Ray instance for every Ray test (started the way the CLI starts it)."""
     import ray
 
-    from orchestrator.ray_train import connect
+    from orchestrator.launch.ray_train import connect
     # Logical CPUs beyond the 2 physical ones, so a 2-worker trainer and its controller always fit.
     connect(num_cpus=4)
     yield

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from orchestrator.data import Split
+from orchestrator.data.datasets import Split
 from orchestrator.evaluation import KernelRidge, compute_baselines
 
 
@@ -98,7 +98,7 @@ def test_the_lattice_gain_is_over_the_shortcut_with_or_without_a_skip_path():
 
 
 def test_quality_table_lines():
-    from orchestrator.quality import format_quality_table
+    from orchestrator.perf.quality import format_quality_table
     result = {"preset": "debug", "steps": 1000, "batch_size": 32, "precision": "fp32", "train_rows": 3000,
               "val_rows": 256, "rows": [{"predictor": "lattice", "cosine": 0.61234, "top1": 0.2, "bleu": 12.34},
                                         {"predictor": "kernel ridge", "cosine": 0.4, "top1": 0.1, "bleu": 3.0}],
@@ -122,7 +122,7 @@ def test_quality_table_lines():
 def test_nystroem_kernel_ridge_matches_the_exact_solver_on_real_embeddings(corpus_path):
     # 2,700 training rows of the stdlib corpus are well within the exact solver's reach; Nystroem
     # solves the same problem through landmark rows, chosen with width and penalty on the training holdout.
-    from orchestrator.data import load_dataset
+    from orchestrator.data.datasets import load_dataset
     data = load_dataset(corpus_path, embed_dim=384, max_rows=3000)
     train, val = data.train, data.val
     exact = KernelRidge.fit(train, nystroem=False)
@@ -145,7 +145,7 @@ def test_nystroem_memory_does_not_grow_with_the_square_of_the_rows():
     import sys
     code = """
 import resource, numpy as np
-from orchestrator.data import Split
+from orchestrator.data.datasets import Split
 from orchestrator.evaluation import KernelRidge
 rng = np.random.default_rng(0)
 x = rng.standard_normal((40000, 64)).astype(np.float32)

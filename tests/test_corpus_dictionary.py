@@ -11,9 +11,9 @@ import pytest
 
 from model.config import ConfigError
 from orchestrator.cli import main
-from orchestrator.corpus_dictionary import (MIN_TARGET_WORDS, build_dictionary_corpus, clean_definition, data_dir,
-                                            dictionary_pairs)
-from orchestrator.data import DatasetError, load_dataset, shard, training_rows
+from orchestrator.data.corpus_dictionary import (MIN_TARGET_WORDS, build_dictionary_corpus, clean_definition, data_dir,
+                                                 dictionary_pairs)
+from orchestrator.data.datasets import DatasetError, load_dataset, shard, training_rows
 
 LETTERS = ("Q", "X", "Z")  # ~2,000 headwords: seconds to read
 

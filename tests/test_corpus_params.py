@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from orchestrator.corpus_params import (
+from orchestrator.data.corpus_params import (
     MAX_TARGET_CHARS,
     MIN_TARGET_CHARS,
     build_parameter_corpus,
@@ -96,8 +96,8 @@ def test_builder_is_deterministic_caps_and_skips_missing_packages(small_corpus):
 
 def test_data_build_takes_the_params_corpus_and_defaults_to_stdlib():
     from orchestrator.cli import build_parser
-    from orchestrator.corpus_params import default_parameter_corpus_path
-    from orchestrator.corpus_stdlib import default_corpus_path
+    from orchestrator.data.corpus_params import default_parameter_corpus_path
+    from orchestrator.data.corpus_stdlib import default_corpus_path
 
     parser = build_parser()
     assert parser.parse_args(["data", "build"]).corpus == "stdlib"
@@ -107,8 +107,8 @@ def test_data_build_takes_the_params_corpus_and_defaults_to_stdlib():
 
 
 def test_parameter_pairs_write_and_load_as_a_dataset(small_corpus, tmp_path):
-    from orchestrator.data import load_dataset, write_corpus
-    from orchestrator.teacher import Teacher
+    from orchestrator.data.datasets import load_dataset, write_corpus
+    from orchestrator.data.teacher import Teacher
 
     teacher = Teacher()
     path = write_corpus(tmp_path / "params.parquet", teacher, small_corpus[:40])

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.corpus_stdlib import build_stdlib_corpus, default_corpus_path
-from orchestrator.data import (
+from orchestrator.data.corpus_stdlib import build_stdlib_corpus, default_corpus_path
+from orchestrator.data.datasets import (
     DatasetError,
     PairDataset,
     ensure_corpus,
@@ -23,7 +23,7 @@ from orchestrator.data import (
     shard,
     write_corpus,
 )
-from orchestrator.teacher import DEFAULT_TEACHER, Teacher, default_cache_dir, resolve_teacher
+from orchestrator.data.teacher import DEFAULT_TEACHER, Teacher, default_cache_dir, resolve_teacher
 
 N_PAIRS = 200  # embedded subset: keeps the file fast on 2 CPU cores
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from orchestrator.config import make_config
-from orchestrator.context import LocalContext, Tracker
+from orchestrator.context import LocalContext
+from orchestrator.observe.trackers import Tracker
 from orchestrator.train import (TrainingRun, _optimizer_step, _resume_or_init, _rng_state, _set_rng_state, _setup,
                                 _start, train_loop)
 from test_gpu_readiness import BLOCKER
@@ -38,7 +39,7 @@ def test_a_rank_checkpoints_one_rng_state_and_restores_it_onto_its_own_device():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_cuda_rank_restores_its_state_onto_the_gpu_it_trains_on():
-    from orchestrator.gpu_check import _check_cuda_rng_restore
+    from orchestrator.perf.gpu_check import _check_cuda_rng_restore
     problems = []
     assert _check_cuda_rng_restore(problems)["ok"], problems
 
@@ -85,7 +86,7 @@ def test_the_gradient_norm_stays_on_the_device_until_a_line_logs_it(tmp_path, sm
 # gpu-check
 
 def test_gpu_check_writes_its_json_after_every_part(tmp_path):
-    from orchestrator.gpu_check import run_gpu_check
+    from orchestrator.perf.gpu_check import run_gpu_check
     out = tmp_path / "gpu-check.json"
     seen_before_second = {}
 
@@ -103,7 +104,7 @@ def test_gpu_check_writes_its_json_after_every_part(tmp_path):
 
 
 def test_gpu_check_train_resume_proves_the_steps_after_the_resume_changed_the_weights(tmp_path):
-    from orchestrator.gpu_check import run_gpu_check
+    from orchestrator.perf.gpu_check import run_gpu_check
     result = run_gpu_check("cpu", quick=True, parts=["train_resume"], workdir=tmp_path, progress=lambda m: None)
     part = result["parts"]["train_resume"]
     assert part["status"] == "pass", part["summary"]
@@ -113,7 +114,7 @@ def test_gpu_check_train_resume_proves_the_steps_after_the_resume_changed_the_we
 
 def test_gpu_check_weights_moved_is_zero_without_an_update(tmp_path):
     from orchestrator.checkpoint import save_checkpoint
-    from orchestrator.gpu_check import _weights_moved
+    from orchestrator.perf.gpu_check import _weights_moved
     state = {"model": {"w": torch.ones(3), "b": torch.zeros(2)}}
     save_checkpoint(tmp_path / "a", state)
     save_checkpoint(tmp_path / "b", state)
@@ -123,7 +124,7 @@ def test_gpu_check_weights_moved_is_zero_without_an_update(tmp_path):
 
 
 def test_ddp_runs_nccl_on_gpus_and_gloo_on_the_cpu():
-    from orchestrator.gpu_check import ddp_runs
+    from orchestrator.perf.gpu_check import ddp_runs
     assert ddp_runs("cpu", 0) == [("gloo", 2, False)]
     assert ddp_runs("cuda", 2) == [("nccl", 2, True)]         # one GPU per rank, as Ray Train places them
     assert ddp_runs("cuda", 8) == [("nccl", 2, True)]
@@ -144,11 +145,11 @@ def test_sacrebleu_is_imported_only_where_bleu_is_computed(tmp_path):
     (site / "sitecustomize.py").write_text(SACREBLEU_BLOCKER)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}
     script = (
-        "import orchestrator.cli, orchestrator.train, orchestrator.evaluation, orchestrator.gpu_check, "
-        "orchestrator.bench, orchestrator.quality\n"
+        "import orchestrator.cli, orchestrator.train, orchestrator.evaluation, orchestrator.perf.gpu_check, "
+        "orchestrator.perf.bench, orchestrator.perf.quality\n"
         "from orchestrator.cli import main\n"
         "assert main(['plan', '--preset', 'smoke', '--budget-gb', '1']) == 0\n"
-        "from orchestrator.data import Split\n"
+        "from orchestrator.data.datasets import Split\n"
         "from orchestrator.evaluation import text_metrics\n"
         "try:\n"
         "    text_metrics(['a b'], Split(['x'], ['a b'], None, None))\n"
@@ -164,7 +165,7 @@ def test_sacrebleu_is_imported_only_where_bleu_is_computed(tmp_path):
 # bench-quality and the bench's MFU message
 
 def test_bench_quality_evaluates_on_the_device_it_trained_on(small_data):
-    from orchestrator.quality import run_quality_bench
+    from orchestrator.perf.quality import run_quality_bench
     cfg = make_config("smoke", {**QUICK, "max_steps": 2, "val_every": 2, "checkpoint_every": 2})
     result = run_quality_bench(cfg, data=small_data)
     assert result["device"] == str(LocalContext("unused").device(cfg.device))
@@ -172,7 +173,7 @@ def test_bench_quality_evaluates_on_the_device_it_trained_on(small_data):
 
 
 def test_mfu_message_on_a_cpu_without_native_bf16_names_the_reason():
-    from orchestrator.bench import mfu_unknown_why, native_matmul
+    from orchestrator.perf.bench import mfu_unknown_why, native_matmul
     cpu = torch.device("cpu")
     emulated = mfu_unknown_why(cpu, torch.bfloat16, 0.28, native=False)
     assert "no native bfloat16 matmul" in emulated and "0.28 GFLOP/s" in emulated

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from orchestrator.context import LocalContext, choose_device
-from orchestrator.ray_train import check_gpu_share, memory_share
+from orchestrator.launch.ray_train import check_gpu_share, memory_share
 
 REPO = Path(__file__).resolve().parents[1]
 GiB = 2**30
@@ -98,8 +98,8 @@ def test_memory_share_of_a_gpu_is_the_fraction_held():
 
 @pytest.mark.ray
 def test_worker_memory_budget_is_probed_by_a_ray_task(ray_instance):
+    from orchestrator.launch.ray_train import worker_memory_budget
     from orchestrator.memory import available_memory_bytes
-    from orchestrator.ray_train import worker_memory_budget
     budget = worker_memory_budget(1, 0, sharing=2)
     assert 0 < budget <= available_memory_bytes("cpu")
 
@@ -125,7 +125,7 @@ def test_plan_for_cuda_never_budgets_host_memory():
 @pytest.mark.parametrize("precision, dtype", [("fp32", "float32"), ("bf16-mixed", "bfloat16"),
                                               ("fp16-mixed", "float16")])
 def test_bench_divides_by_the_matmul_peak_of_the_step_dtype(precision, dtype, small_data):
-    from orchestrator.bench import matmul_peak, bench_preset
+    from orchestrator.perf.bench import matmul_peak, bench_preset
     fp32_peak = matmul_peak(torch.device("cpu"), torch.float32, max_size=256, repeats=1, warmup_s=0)
     figures = bench_preset("smoke", 2, torch.device("cpu"), small_data, repeats=1,
                            overrides={"precision": precision}, peak=fp32_peak, peak_max_size=256)
@@ -136,7 +136,7 @@ def test_bench_divides_by_the_matmul_peak_of_the_step_dtype(precision, dtype, sm
 
 
 def test_matmul_peak_is_the_best_repeat_of_the_dtype_asked_for():
-    from orchestrator.bench import matmul_peak
+    from orchestrator.perf.bench import matmul_peak
     peak = matmul_peak(torch.device("cpu"), torch.bfloat16, max_size=128, repeats=3, warmup_s=0)
     assert peak.dtype == "bfloat16" and peak.size == 128 and peak.repeats == 3 and peak.gflops > 0
 

@@ -16,7 +16,7 @@ import torch
 from model import PRESETS, EnergyLattice, count_parameters, flow_step_flops, preset, run_flows
 from model.config import ConfigError
 from orchestrator.memory import available_memory_bytes
-from orchestrator.memory_measure import measure_peak_bytes
+from orchestrator.perf.memory_measure import measure_peak_bytes
 from orchestrator.planner import (GiB, MemoryBudgetError, carrier_parameter_count, estimate_peak_bytes,
                                   parameter_count, plan_batch)
 
@@ -147,7 +147,7 @@ def _git(*args):
 
 
 def test_export_model_writes_that_commits_model_package(tmp_path):
-    from orchestrator.bench import export_model
+    from orchestrator.perf.bench import export_model
     commit = export_model("HEAD", tmp_path)
     assert commit == _git("rev-parse", "HEAD").decode().strip()
     for name in ("flow.py", "lattice.py", "config.py"):

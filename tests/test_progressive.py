@@ -17,8 +17,8 @@ from mlflow import MlflowClient
 
 from orchestrator.code_version import source_digest
 from orchestrator.config import make_config
-from orchestrator.progressive import ScalingJob, run_job
-from orchestrator.tracking import load_registered_model
+from orchestrator.launch.progressive import ScalingJob, run_job
+from orchestrator.observe.tracking import load_registered_model
 from orchestrator.train import state_fingerprint
 from model.transfer import transfer
 from readme_commands import SYSTEM_PATH, readme_commands, tour_block
@@ -253,7 +253,7 @@ def test_with_the_flag_an_incompatible_stage_starts_from_random_weights(tmp_path
 def test_the_stage_table_lists_every_baseline_the_stage_logged(monkeypatch, capsys):
     from types import SimpleNamespace
 
-    from orchestrator import progressive
+    from orchestrator.launch import progressive
     metrics = {"eval/cosine": 0.61, "eval/top1": 0.2, "val_baseline/identity_cosine": 0.46,
                "val_baseline/identity_top1": 0.09, "val_baseline/ridge_cosine": 0.59, "val_baseline/ridge_top1": 0.18,
                "val_baseline/ridge_lambda": 10.0, "val_baseline/nearest_input_cosine": 0.5,

@@ -16,11 +16,11 @@ import torch
 from mlflow import MlflowClient
 
 from orchestrator.checkpoint import load_model
-from orchestrator.data import validation_rows
+from orchestrator.data.datasets import validation_rows
 from orchestrator.faults import Faults
-from orchestrator.mlflow_model import predict_embeddings
-from orchestrator.ray_train import Launch, run_ray_train
-from orchestrator.tracking import TrackingConfigError, check_tracking_uri, load_registered_model, rows_digest
+from orchestrator.launch.ray_train import Launch, run_ray_train
+from orchestrator.observe.mlflow_model import predict_embeddings
+from orchestrator.observe.tracking import TrackingConfigError, check_tracking_uri, load_registered_model, rows_digest
 from orchestrator.train import load_data
 
 pytestmark = pytest.mark.ray
@@ -209,7 +209,7 @@ def test_the_progress_channel_reaches_workers_after_ray_patches_print(ray_instan
     import builtins
 
     import cloudpickle
-    from orchestrator.console import ProgressChannel
+    from orchestrator.observe.console import ProgressChannel
     channel = ProgressChannel()
     try:
         monkeypatch.setattr(builtins, "print", lambda *a, **k: None)

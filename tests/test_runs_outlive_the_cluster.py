@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from orchestrator.tracking import load_registered_model
+from orchestrator.observe.tracking import load_registered_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import pytest
 from mlflow import MlflowClient
 
 from orchestrator.cli import main
-from orchestrator.study import Study, StudyError, answer, format_table, group_cells, parse_axes, study_cells
+from orchestrator.launch.study import Study, StudyError, answer, format_table, group_cells, parse_axes, study_cells
 
 
 def cell(preset, rows, seed, cosine, **extra):

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from orchestrator.sweep_report import (parameter_importance, pareto_front, summary_text, variance_explained,
-                                       write_report)
+from orchestrator.launch.sweep_report import (parameter_importance, pareto_front, summary_text, variance_explained,
+                                              write_report)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

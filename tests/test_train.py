@@ -10,8 +10,9 @@ from model import EnergyLattice, preset
 from orchestrator.checkpoint import (CheckpointError, check_compatible, list_checkpoints, load_checkpoint,
                                      load_model, save_checkpoint)
 from orchestrator.config import ConfigError, config_from_dict, make_config
-from orchestrator.context import FileTracker, LocalContext, read_metrics
+from orchestrator.context import LocalContext
 from orchestrator.faults import Faults
+from orchestrator.observe.trackers import FileTracker, read_metrics
 from orchestrator.train import SUMMARY_KEYS, BatchStream, train_loop
 
 QUICK = {"batch_size": 16, "val_max_samples": 64, "warmup_steps": 2, "log_every": 1}

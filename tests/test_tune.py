@@ -15,10 +15,10 @@ from mlflow import MlflowClient
 from orchestrator.checkpoint import META_FILE
 from orchestrator.config import make_config
 from orchestrator.faults import Faults
-from orchestrator.tracking import compare_runs
-from orchestrator.search_space import SpaceError, load_space
-from orchestrator.tune import (PBT_MUTABLE, Sweep, TrialSettings, clip_to_space, defaults_point, finish_trial,
-                               asha_limits, check_sweep, parse_duration, pbt_scheduler, run_sweep)
+from orchestrator.observe.tracking import compare_runs
+from orchestrator.launch.search_space import SpaceError, load_space
+from orchestrator.launch.tune import (PBT_MUTABLE, Sweep, TrialSettings, clip_to_space, defaults_point, finish_trial,
+                                      asha_limits, check_sweep, parse_duration, pbt_scheduler, run_sweep)
 
 REPO = Path(__file__).resolve().parents[1]
 SPACES = REPO / "tune_spaces"

@@ -3,7 +3,7 @@
 
 This module imports torch and `model` only, never the rest of the orchestrator, so the `model` it
 times is whichever one its process finds first on sys.path. `bench --compare` starts it as
-`python -m orchestrator.bench_step` in the folder a commit's `model/` was exported to, with this
+`python -m orchestrator.perf.bench_step` in the folder a commit's `model/` was exported to, with this
 checkout on PYTHONPATH: that commit's model, timed by this file's code, so both sides of a
 comparison are measured the same way. The worker reads one JSON request per line on stdin and
 answers one JSON line on stdout (build, step, profile, quit).

@@ -1,7 +1,7 @@
 """Ray Tune sweeps: one trial per sampled config; random or Optuna (TPE) search; ASHA, FIFO or PBT
 scheduling; MLflow runs; a report that says which sampled parameters mattered.
 
-The search spaces come from YAML files (orchestrator/search_space.py: `load_space`).
+The search spaces come from YAML files (orchestrator/launch/search_space.py: `load_space`).
 
 What a sweep optimises (`--metric`, see METRICS): validation cosine, the lattice's gain over its own
 skip path, or cosine gained per hour of training. Every trial records the steps it ran and its wall
@@ -39,19 +39,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, flatten, make_config, resolved, run_tags, with_epochs
-from .context import TuneContext, best_checkpoint
-from .data import PairDataset, training_rows, validation_rows
-from .evaluation import baselines
-from .faults import Faults
+from ..config import TrainConfig, flatten, make_config, resolved, run_tags, with_epochs
+from ..context import TuneContext, best_checkpoint
+from ..data.datasets import PairDataset, training_rows, validation_rows
+from ..evaluation import baselines
+from ..faults import Faults
+from ..observe.plots import parallel_coordinates
+from ..observe.tracking import (EXAMPLE_ROWS, TrackedRun, check_tracking_uri, child_runs, client_for, log_params,
+                                resolve_tracking_uri)
+from ..train import load_data, train_loop, worker_shards
 from .ray_train import (Launch, Placement, WorkerBudget, alive_node_count, build_trainer, check_gpu_share, connect,
                         prepare_config, storage_path, with_planned_batch)
-from .plots import parallel_coordinates
 from .search_space import SearchSpace, SpaceError, load_space
 from .sweep_report import best_trial, sampled_params, write_report
-from .tracking import (EXAMPLE_ROWS, TrackedRun, check_tracking_uri, child_runs, client_for, log_params,
-                       resolve_tracking_uri)
-from .train import load_data, train_loop, worker_shards
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def run_trial(config: dict[str, Any], data: PairDataset, settings: TrialSettings
     switched on come through the object store."""
     import ray.tune
 
-    from .planner import MemoryBudgetError
+    from ..planner import MemoryBudgetError
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg, sampled = trial_config(config)

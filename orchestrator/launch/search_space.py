@@ -24,7 +24,7 @@ import yaml
 from model import PRESETS
 from model.config import ConfigError, base_type, check_field, field_spec
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_write
+from ..files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ class Teacher:
                 self._cache[h] = row
             done = start + len(chunk)
             if len(new_hashes) > EMBED_CHUNK:
-                from .console import format_duration
+                from ..observe.console import format_duration
                 rate = done / (time.perf_counter() - started)
                 logger.info("embedding with %s: %d/%d texts (%.0f%%), %.0f texts/s, ETA %s", self.teacher_id, done,
                             len(new_hashes), 100 * done / len(new_hashes), rate,

@@ -2,7 +2,7 @@
 
 `python -m orchestrator study --presets scale-12,scale-24 --data-sizes 4000,16000,64000 --seeds 2`
 runs the grid lattice size x training rows x seed (x any `--set key=a,b` switch) as the trials of one
-Tune sweep (orchestrator/tune.py: one MLflow parent run, a child run per cell, each cell's model
+Tune sweep (orchestrator/launch/tune.py: one MLflow parent run, a child run per cell, each cell's model
 registered), on one machine or a cluster. Every cell validates on the same rows: a dataset's
 validation split does not depend on how many training rows a cell takes (`train_rows` takes the
 first N, so a smaller sample is part of a larger one). The baselines are fitted once per data size
@@ -34,7 +34,7 @@ import numpy as np
 from model import PRESETS
 from model.config import ConfigError, check_field, parse_value
 
-from .config import TrainConfig, make_config
+from ..config import TrainConfig, make_config
 from .ray_train import Placement
 from .search_space import SearchSpace
 
@@ -125,10 +125,10 @@ def _check_data_sizes(study: Study, available: int) -> None:
 def run_study(study: Study) -> dict[str, Any]:
     """Run (or resume) the study's grid as one sweep; write its report on the sweep's parent run and
     return the summary: one entry per cell, the groups over seeds, the baselines per data size, the answer."""
-    from .data import training_rows, validation_rows
-    from .evaluation import baselines
+    from ..data.datasets import training_rows, validation_rows
+    from ..evaluation import baselines
+    from ..train import load_data
     from .ray_train import prepare_config
-    from .train import load_data
     from .tune import Sweep, run_sweep
 
     started = time.perf_counter()
@@ -307,7 +307,7 @@ def study_figure(groups: list[dict[str, Any]], presets: list[str], axes: list[st
     """Two rows (cosine, top-1) x two columns: against lattice size (one line per data size and
     switch setting) and against data size (one line per lattice size and switch setting), error bars
     the seed spread; the baselines of each data size as dashed lines and markers beside them."""
-    from .plots import plt
+    from ..observe.plots import plt
     cells_of = {p: PRESETS[p]["width"] * PRESETS[p]["height"] for p in presets}
     sizes = sorted({g["rows"] for g in groups})
     settings = sorted({tuple(g[a] for a in axes) for g in groups}, key=str)
@@ -358,8 +358,8 @@ def study_figure(groups: list[dict[str, Any]], presets: list[str], axes: list[st
 def report_study(cells: list[dict[str, Any]], study: Study, summary: dict[str, Any]) -> dict[str, Any]:
     """Write the study's report onto the sweep's parent run: the figure, the cells and groups as JSON,
     the table as text, and the answer as the run's description (and return them)."""
-    from .plots import save_figure
-    from .tracking import client_for
+    from ..observe.plots import save_figure
+    from ..observe.tracking import client_for
 
     axes = list(study.axes)
     groups = group_cells(cells, axes)

@@ -41,11 +41,11 @@ import torch.nn.functional as F
 
 from model import flow_step_flops, preset
 
+from ..context import choose_device
+from ..data.datasets import PairDataset, validation_rows
+from ..evaluation import decode, text_metrics
+from ..memory import keep_freed_memory, peak_memory_bytes, reset_peak_memory
 from .bench_step import TrainStep, format_profile, sync
-from .context import choose_device
-from .data import PairDataset, validation_rows
-from .evaluation import decode, text_metrics
-from .memory import keep_freed_memory, peak_memory_bytes, reset_peak_memory
 
 DEFAULT_PRESETS = ("debug", "experiment", "scale-50")
 # Batches that run in seconds to a minute per step on a 2-core CPU; --batch overrides them.
@@ -150,8 +150,8 @@ def bench_batch(data: PairDataset, batch: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def _default_data() -> PairDataset:
-    from .config import make_config
-    from .train import load_data
+    from ..config import make_config
+    from ..train import load_data
     return load_data(make_config("debug"))
 
 
@@ -349,7 +349,7 @@ class CompareError(ValueError):
     """`bench --compare` cannot run: the reference is no commit here, or one side's model failed."""
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # orchestrator/perf/bench.py -> the repository
 
 
 def _git(*args: str) -> subprocess.CompletedProcess:
@@ -382,13 +382,13 @@ def working_tree_label() -> str:
 
 
 class _Worker:
-    """A `python -m orchestrator.bench_step` process timing the `model/` package in `model_root`."""
+    """A `python -m orchestrator.perf.bench_step` process timing the `model/` package in `model_root`."""
 
     def __init__(self, model_root: Path, label: str):
         self.model_root, self.label = model_root, label
         path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
         # The working directory comes first on a `-m` module's sys.path, so `model` is model_root's.
-        self.process = subprocess.Popen([sys.executable, "-m", "orchestrator.bench_step"], cwd=model_root,
+        self.process = subprocess.Popen([sys.executable, "-m", "orchestrator.perf.bench_step"], cwd=model_root,
                                         env={**os.environ, "PYTHONPATH": path}, text=True,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 

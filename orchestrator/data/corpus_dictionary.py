@@ -27,7 +27,7 @@ import json
 import re
 from pathlib import Path
 
-from .data import hash_share
+from .corpus_common import hash_share
 
 
 VAL_SHARE = 0.02

@@ -28,7 +28,7 @@ import mlflow.pyfunc
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint, load_model, model_config_of
+from ..checkpoint import load_checkpoint, load_model, model_config_of
 
 CHECKPOINT_ARTIFACT = "checkpoint"  # the project's checkpoint folder, under the model's artifacts/
 PREDICT_SEED = 0
@@ -85,7 +85,7 @@ def log_model(client, run_id: str, checkpoint_dir: str | Path, *, input_example:
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
     import model as model_package
-    from . import __file__ as orchestrator_init
+    from .. import __file__ as orchestrator_init
     embed_dim = model_config_of(load_checkpoint(checkpoint_dir)).embed_dim
     run = client.get_run(run_id)
     logged = client.create_logged_model(run.info.experiment_id, name="energy-lattice", source_run_id=run_id)

@@ -1,9 +1,11 @@
 """What the two corpus builders (corpus_stdlib, corpus_params) share: importing modules quietly,
 walking a package's public modules and a class's public methods, telling an abbreviation from the
-end of a sentence, and where a built corpus is cached."""
+end of a sentence, and where a built corpus is cached; and `hash_share`, the split by a hash of the
+input that the dataset loader and the dictionary builder both use."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import inspect
 import io
@@ -21,6 +23,12 @@ ABBREVIATIONS = {"e.g.", "i.e.", "etc.", "vs.", "cf.", "resp.", "approx.", "no."
 def is_abbreviation(word: str) -> bool:
     """Whether the period closing `word` (lower case) belongs to it: "e.g." or an initial such as "x."."""
     return word in ABBREVIATIONS or re.fullmatch(r"[a-z]\.", word) is not None
+
+
+def hash_share(text: str) -> float:
+    """The first 8 bytes of sha256 as a uniform number in [0, 1): the same text always lands in the
+    same split, whatever the row order or the Python hash seed."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
 def quiet_import(name: str):

@@ -42,7 +42,7 @@ matplotlib.use("Agg")  # headless: the sweep driver runs where there is no displ
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .plots import parallel_coordinates, save_figure  # noqa: E402
+from ..observe.plots import parallel_coordinates, save_figure  # noqa: E402
 
 MIN_TRIALS = 3  # below this, no variance can be split between groups
 MAX_BINS = 10

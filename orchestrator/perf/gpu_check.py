@@ -50,9 +50,9 @@ import torch.nn.functional as F
 from model import EnergyLattice, lattice_loss, preset
 from model.config import ConfigError
 
-from .context import Tracker
-from .data import PairDataset, Split, load_dataset
-from .faults import Faults
+from ..data.datasets import PairDataset, Split, load_dataset
+from ..faults import Faults
+from ..observe.trackers import Tracker
 
 GiB = 2**30
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed")
@@ -161,7 +161,7 @@ def _unit_batch(batch: int, dim: int, device: torch.device, seed: int) -> tuple[
 def part_precision(env: CheckEnv, figures: dict[str, Any]) -> tuple[bool, str]:
     # Deterministic kernels, so the fp32 gradients with and without checkpointing are compared
     # without CUDA's atomic adds reordering the splat sums (that drift measured 3.3e-4 on debug).
-    from .train import use_deterministic_algorithms
+    from ..train import use_deterministic_algorithms
     use_deterministic_algorithms()
     try:
         return _precision_cases(env, figures)
@@ -289,9 +289,9 @@ class LossRecorder(Tracker):
 
 def _train_run(env: CheckEnv, name: str, precision: str, *, resume_from: Path | None = None,
                faults: Faults | None = None, **overrides: Any) -> tuple[dict[str, Any], dict[int, float], Path]:
-    from .config import make_config
-    from .context import LocalContext
-    from .train import train_loop, worker_shards
+    from ..config import make_config
+    from ..context import LocalContext
+    from ..train import train_loop, worker_shards
 
     settings = {"device": env.device.type, "batch_size": 4 if env.quick else 16,
                 "val_max_samples": 16 if env.quick else 64, "warmup_steps": 2, "log_every": 1, "val_every": 4,
@@ -317,7 +317,7 @@ def _loss_gap(straight: dict[int, float], resumed: dict[int, float]) -> float:
 def _weights_moved(before: Path, after: Path) -> float:
     """The largest change of any model weight between two checkpoints: 0 means no update was applied
     between them (an fp16 GradScaler that skipped every step, say), so equal losses prove nothing."""
-    from .checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint
     a, b = load_checkpoint(before)["model"], load_checkpoint(after)["model"]
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].numel())
 
@@ -325,7 +325,7 @@ def _weights_moved(before: Path, after: Path) -> float:
 def _check_cuda_rng_restore(problems: list[str]) -> dict[str, Any]:
     """A rank's CUDA RNG state goes back onto the GPU the rank trains on after a restart, which may
     be another GPU than the one that saved it (with two GPUs here, it is restored onto the other)."""
-    from .train import _rng_state, _set_rng_state
+    from ..train import _rng_state, _set_rng_state
     saved_on = torch.device("cuda", torch.cuda.current_device())
     saved = _rng_state(saved_on)
     torch.rand(4, device=saved_on)  # the generator moves on, as training would
@@ -403,7 +403,7 @@ DDP_STEPS = 3
 
 
 def _ddp_config(device_type: str) -> dict[str, Any]:
-    from .config import make_config
+    from ..config import make_config
     precision = "bf16-mixed" if device_type == "cuda" else "fp32"
     cfg = make_config("smoke", {"device": device_type, "batch_size": 8, "val_max_samples": 16, "warmup_steps": 1,
                                 "log_every": 1, "val_every": DDP_STEPS, "checkpoint_every": DDP_STEPS,
@@ -432,8 +432,8 @@ def _ddp_worker(rank: int, world_size: int, rendezvous: str, device_type: str, b
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from .context import RunContext
-    from .train import train_loop
+    from ..context import RunContext
+    from ..train import train_loop
 
     torch.set_num_threads(1)
     device = torch.device("cuda", rank if gpu_per_rank else 0) if device_type == "cuda" else torch.device("cpu")
@@ -468,8 +468,8 @@ def _ddp_run(env: CheckEnv, backend: str, world_size: int, gpu_per_rank: bool, o
     """One DDP run of DDP_STEPS steps; what each rank ended with."""
     import torch.multiprocessing as mp
 
-    from .config import config_from_dict
-    from .train import worker_shards
+    from ..config import config_from_dict
+    from ..train import worker_shards
 
     out.mkdir(parents=True, exist_ok=True)
     config = _ddp_config(env.device.type)
@@ -524,9 +524,9 @@ def part_ddp(env: CheckEnv, figures: dict[str, Any]) -> tuple[bool, str]:
 # Part 5: planner against the allocator
 
 def part_planner(env: CheckEnv, figures: dict[str, Any]) -> tuple[bool, str]:
-    from .memory import EXPANDABLE_SEGMENTS
+    from ..memory import EXPANDABLE_SEGMENTS
+    from ..planner import plan_batch
     from .memory_measure import measure_peak_bytes
-    from .planner import plan_batch
 
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
@@ -686,7 +686,7 @@ def run_gpu_check(device: str = "cuda", *, quick: bool = False, data_path: str |
             raise ConfigError("--device cuda: torch sees no CUDA device here; run with --device cpu for the CPU "
                               "version")
         # Both are read when CUDA starts, which nothing here has done yet.
-        from .memory import use_expandable_segments
+        from ..memory import use_expandable_segments
         use_expandable_segments()
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     data = check_data(data_path, quick)
@@ -694,7 +694,7 @@ def run_gpu_check(device: str = "cuda", *, quick: bool = False, data_path: str |
     wanted = list(parts or PARTS)
     results: list[PartResult] = []
     machine, started_at = machine_info(dev), time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    from .code_version import code_version_tags
+    from ..code_version import code_version_tags
     code = code_version_tags()  # which code these figures are of
 
     def report() -> dict[str, Any]:
@@ -725,7 +725,7 @@ def write_report(path: str | Path, result: dict[str, Any]) -> Path:
     """The check's result as JSON, replaced whole (a reader never sees half a file)."""
     import json
 
-    from .files import atomic_write
+    from ..files import atomic_write
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(result, indent=2, default=str) + "\n"))
 
 

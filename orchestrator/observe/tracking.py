@@ -9,7 +9,7 @@ training: the CLI, Ray Train's driver, a Tune trial and the sweep's driver, the 
 it and logs the data it trains on as dataset inputs, rank 0 logs into it by id through
 `TrackedRun.tracker()`, one process per node samples MLflow's system metrics into it
 (`TrackedRun.system_metrics`), and the launcher closes it, which registers its best checkpoint as a
-new version of the model `energy-lattice`, an MLflow model (orchestrator.mlflow_model; loadable with
+new version of the model `energy-lattice`, an MLflow model (orchestrator.observe.mlflow_model; loadable with
 `mlflow.pyfunc.load_model` and with `load_registered_model("models:/energy-lattice/<version>")`),
 sets its status and returns its summary.
 """
@@ -28,8 +28,8 @@ from typing import Any
 
 import yaml
 
-from .code_version import code_version_tags
-from .context import Tracker
+from ..code_version import code_version_tags
+from .trackers import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,7 @@ def log_config(tracker: Tracker, config: dict[str, Any]) -> None:
 
 def register_checkpoint(uri: str, run_id: str, checkpoint_dir: str | Path, *, tags: dict[str, str],
                         alias: str | None = None, input_example: Any = None, step: int = 0) -> str:
-    """Log a checkpoint folder into the run as an MLflow model (orchestrator.mlflow_model: pyfunc,
+    """Log a checkpoint folder into the run as an MLflow model (orchestrator.observe.mlflow_model: pyfunc,
     with signature, input example and pinned requirements, the checkpoint inside) and register it
     as a new version of `energy-lattice`."""
     from mlflow.exceptions import MlflowException
@@ -488,7 +488,7 @@ def download_checkpoint(model_uri: str, tracking_uri: str | None = None) -> Path
 
 def load_registered_model(model_uri: str, tracking_uri: str | None = None):
     """An EnergyLattice (eval mode) from `models:/energy-lattice/<version>` or a checkpoint folder."""
-    from .checkpoint import load_model
+    from ..checkpoint import load_model
     path = download_checkpoint(model_uri, tracking_uri) if model_uri.startswith("models:/") else Path(model_uri)
     return load_model(path)
 

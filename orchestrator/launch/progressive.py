@@ -26,13 +26,13 @@ from model import PRESETS, EnergyLattice
 from model.config import ConfigError
 from model.transfer import transfer
 
-from .config import TrainConfig, make_config
-from .console import tool_command
-from .plots import baseline_scores
+from ..config import TrainConfig, make_config
+from ..observe.console import tool_command
+from ..observe.plots import baseline_scores
+from ..observe.tracking import (REGISTERED_MODEL, TrackedRun, browse_lines, check_tracking_uri, child_runs, client_for,
+                                experiment_id, load_registered_model, logged_baselines, resolve_tracking_uri, run_metric)
 from .ray_train import (Launch, Placement, WorkerBudget, WorkerGroup, alive_node_count, connect, fields_of, ray_logs_dir,
                         run_ray_train, with_planned_batch)
-from .tracking import (REGISTERED_MODEL, TrackedRun, browse_lines, check_tracking_uri, child_runs, client_for,
-                       experiment_id, load_registered_model, logged_baselines, resolve_tracking_uri, run_metric)
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ block to the OS and RSS follows live memory, and reads its peak RSS (VmHWM); on 
 max_memory_allocated and max_memory_reserved. A fresh process per measurement, because the
 allocators read their settings once, at start.
 
-This module is the subprocess's entry point too (`python -m orchestrator.memory_measure SPEC`).
+This module is the subprocess's entry point too (`python -m orchestrator.perf.memory_measure SPEC`).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch
 
 from model.config import ModelConfig
 
-from .memory import ALLOC_CONF_VARS, peak_memory_bytes
+from ..memory import ALLOC_CONF_VARS, peak_memory_bytes
 
 MEASURE_STEPS = 3  # training steps a measurement runs (from the 2nd on, AdamW's state exists)
 
@@ -64,7 +64,7 @@ def measure_peak_bytes(model_cfg: ModelConfig, batch: int, *, device: str = "cpu
     alloc_conf (CUDA): PYTORCH_CUDA_ALLOC_CONF for the subprocess ("" for torch's defaults); the
     allocator reads it once, when CUDA starts, hence a fresh process per setting."""
     spec = json.dumps({"model": dataclasses.asdict(model_cfg), "batch": batch, "device": device})
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # the repository: orchestrator/perf/memory_measure.py, two up
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
     if live_only and device == "cpu":
@@ -74,7 +74,7 @@ def measure_peak_bytes(model_cfg: ModelConfig, batch: int, *, device: str = "cpu
             env.pop(name, None)
         if alloc_conf:
             env["PYTORCH_CUDA_ALLOC_CONF"] = alloc_conf
-    result = subprocess.run([sys.executable, "-m", "orchestrator.memory_measure", spec], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "orchestrator.perf.memory_measure", spec], capture_output=True, text=True,
                             timeout=timeout, env=env, cwd=root)
     if result.returncode != 0:
         raise RuntimeError(f"memory measurement failed: {result.stderr.strip()[-2000:]}")

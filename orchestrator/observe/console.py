@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .context import Tracker
 from .plots import baseline_scores
+from .trackers import Tracker
 
 PROGRESS_EVERY_S = 30.0
 

@@ -11,7 +11,7 @@ file with just the two text columns; it is embedded with the teacher on load (th
 teacher's on-disk cache, so only once).
 
 The project builds three corpora (CORPORA): the stdlib corpus from text that ships with Python
-(orchestrator/corpus_stdlib.py, the default), numpydoc parameters (corpus_params.py) and the GCIDE
+(orchestrator/data/corpus_stdlib.py, the default), numpydoc parameters (corpus_params.py) and the GCIDE
 dictionary (corpus_dictionary.py, ~106,000 pairs, for studies of scale); `ensure_corpus` builds,
 embeds and writes one on first use.
 
@@ -27,7 +27,6 @@ subsets and shards of them are views: 100,000 rows cost their 300 MB once, howev
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .files import atomic_write
+from ..files import atomic_write
+from .corpus_common import hash_share
 from .teacher import DEFAULT_TEACHER, Teacher
 
 logger = logging.getLogger(__name__)
@@ -263,12 +263,6 @@ def _embedding_column(table: pa.Table, name: str, path: Path, expected_dim: int 
     if bad_rows:
         raise DatasetError(f"{path}: column {name!r} has NaN/inf embeddings in {bad_rows} rows")
     return emb
-
-
-def hash_share(text: str) -> float:
-    """The first 8 bytes of sha256 as a uniform number in [0, 1): the same text always lands in the
-    same split, whatever the row order or the Python hash seed."""
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
 def _split_column(table: pa.Table, path: Path) -> np.ndarray:

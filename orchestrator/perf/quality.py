@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import load_model
-from .config import TrainConfig
-from .context import LocalContext
-from .data import PairDataset, validation_rows
-from .evaluation import baselines, evaluate, text_metrics
-from .tracking import VALIDATION_KEYS
-from .train import load_data, train_loop
+from ..checkpoint import load_model
+from ..config import TrainConfig
+from ..context import LocalContext
+from ..data.datasets import PairDataset, validation_rows
+from ..evaluation import baselines, evaluate, text_metrics
+from ..observe.tracking import VALIDATION_KEYS
+from ..train import load_data, train_loop
 
 BASELINE_ROWS = (("identity", "identity"), ("mean target", "mean_target"), ("ridge", "ridge"),
                  ("kernel ridge", "kernel_ridge"))
@@ -81,8 +81,8 @@ def run_quality_bench(cfg: TrainConfig, data: PairDataset | None = None) -> dict
     for name, key in BASELINE_ROWS:
         rows.append({"predictor": name, "cosine": base[f"baseline_{key}_cosine"],
                      "top1": base[f"baseline_{key}_top1"], "bleu": base[f"baseline_{key}_bleu"]})
+    from ..code_version import code_version_tags
     from .bench import machine_info
-    from .code_version import code_version_tags
     return {
         "machine": machine_info(device), "code": code_version_tags(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "preset": cfg.preset, "steps": summary["steps"], "status": summary["status"],

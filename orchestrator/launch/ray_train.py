@@ -23,13 +23,14 @@ from typing import Any
 
 from model.config import ConfigError
 
-from .config import TrainConfig, flatten, resolved, run_tags
-from .console import ProgressChannel
-from .context import RayTrainContext, TrackerGroup, best_checkpoint
-from .data import PairDataset, training_rows, validation_rows
-from .faults import Faults
-from .tracking import EXAMPLE_ROWS, TrackedRun, check_tracking_uri, resolve_tracking_uri
-from .train import load_data, train_loop, worker_shards
+from ..config import TrainConfig, flatten, resolved, run_tags
+from ..context import RayTrainContext, best_checkpoint
+from ..data.datasets import PairDataset, training_rows, validation_rows
+from ..faults import Faults
+from ..observe.console import ProgressChannel
+from ..observe.trackers import TrackerGroup
+from ..observe.tracking import EXAMPLE_ROWS, TrackedRun, check_tracking_uri, resolve_tracking_uri
+from ..train import load_data, train_loop, worker_shards
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def connect(address: str | None = None, **init_kwargs: Any) -> None:
     it: on by default for a new local instance, and whatever the cluster uses when joining one.
 
     What Ray's workers print (Ray Train's report lines, library warnings, their own logs) stays in
-    Ray's log files instead of the console; the console gets orchestrator.console's lines."""
+    Ray's log files instead of the console; the console gets orchestrator.observe.console's lines."""
     import ray
     if ray.is_initialized():
         return
@@ -101,7 +102,7 @@ def check_gpu_share(workers: int, gpus_per_worker: float) -> None:
 
 
 def _free_memory_here(device_type: str) -> int:
-    from .memory import available_memory_bytes
+    from ..memory import available_memory_bytes
     return available_memory_bytes(device_type)
 
 
@@ -141,7 +142,7 @@ def with_planned_batch(cfg: TrainConfig, budget: WorkerBudget) -> TrainConfig:
     """`cfg` with the largest batch (at most its own batch_size) that the memory planner fits into
     the budget; MemoryBudgetError, naming estimate and budget, if not even batch 1 fits. Tune
     trials and scaling stages both pick their batch here."""
-    from .planner import plan_batch
+    from ..planner import plan_batch
     plan = plan_batch(cfg.model.resolved(), budget.budget_bytes, device_type=budget.device_type,
                       max_batch=cfg.batch_size)
     return dataclasses.replace(cfg, batch_size=plan.batch)
@@ -233,8 +234,8 @@ def build_trainer(cfg: TrainConfig, launch: Launch, data: PairDataset, *, run: T
 
 def prepare_config(cfg: TrainConfig) -> TrainConfig:
     """Resolve the config on the launching side: the dataset built once and named by absolute path."""
-    from .data import ensure_corpus
-    from .teacher import Teacher
+    from ..data.datasets import ensure_corpus
+    from ..data.teacher import Teacher
     if cfg.data_path is None:  # build the corpus once here, not in every worker
         cfg = dataclasses.replace(cfg, data_path=str(ensure_corpus(teacher=Teacher(cfg.teacher), corpus=cfg.corpus)))
     return resolved(dataclasses.replace(cfg, data_path=str(Path(cfg.data_path).resolve())))
