@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..files import atomic_write
-from .corpus_common import hash_share
+from .corpus_common import corpus_cache_path, hash_share
 from .teacher import DEFAULT_TEACHER, Teacher
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,6 @@ CORPORA = {
 
 def corpus_path(corpus: str = "stdlib", teacher_id: str = DEFAULT_TEACHER, max_pairs: int | None = None) -> Path:
     """Where a built corpus is cached (one file per teacher, and per size where it is capped)."""
-    from .corpus_common import corpus_cache_path
     stem = CORPORA[corpus][0] + (f"_{max_pairs}" if max_pairs else "")
     return corpus_cache_path(stem, teacher_id)
 
