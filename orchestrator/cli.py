@@ -69,8 +69,7 @@ def _train_config(args):
     if args.epochs is not None:  # steps from the rows this run trains on: the data is built and counted first
         from .config import with_epochs
         from .data.datasets import training_rows
-        from .launch.ray_train import prepare_config
-        from .train import load_data
+        from .run_data import load_data, prepare_config
         cfg = prepare_config(cfg)
         rows = len(training_rows(load_data(cfg), cfg.train_rows).train)
         cfg = with_epochs(cfg, args.epochs, rows, 1 if args.local else args.workers)
@@ -78,11 +77,10 @@ def _train_config(args):
 
 
 def _print_summary(summary: dict[str, Any], title: str) -> None:
-    from .train import SUMMARY_KEYS
+    from .metrics import SUMMARY_FIGURES
     print(f"\n{title}: status {summary['status']} after {summary['steps']} steps")
-    for key in SUMMARY_KEYS[2:-1]:
+    for key in SUMMARY_FIGURES:
         print(f"  {key:26s} {_fmt(summary.get(key))}")
-    print(f"  {'baseline_ridge_top1':26s} {_fmt(summary.get('baseline_ridge_top1'))}")
 
 
 def _print_mlflow(summary: dict[str, Any], experiment: str) -> None:
@@ -103,11 +101,12 @@ def _train_local(cfg, args, faults=None) -> int:
 
     from .config import run_tags
     from .context import LocalContext, best_checkpoint
-    from .data.datasets import corpus_path, training_rows, validation_rows
+    from .data.datasets import validation_rows
     from .observe.console import ConsoleTracker
     from .observe.trackers import FileTracker, TrackerGroup
     from .observe.tracking import EXAMPLE_ROWS, TrackedRun, resolve_tracking_uri
-    from .train import load_data, train_loop
+    from .run_data import prepare_data
+    from .train import train_loop
 
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     setup_logging(out / "train.log")
@@ -115,12 +114,12 @@ def _train_local(cfg, args, faults=None) -> int:
     ctx = LocalContext(out, resume_from=args.resume, keep=cfg.keep_checkpoints, faults=faults)
     console = ConsoleTracker(cfg.max_steps, validates_every=(cfg.val_every, cfg.checkpoint_every))
     tracker, run = TrackerGroup(FileTracker(out), console), None
-    data = training_rows(load_data(cfg), cfg.train_rows)  # what the loop trains on (one worker: all of it)
+    cfg, data = prepare_data(cfg)  # what the loop trains on (one worker: all of it), with its baselines
     validation = validation_rows(data, cfg.val_max_samples)
     if not args.no_mlflow:
         run = TrackedRun.open(resolve_tracking_uri(args.mlflow_uri), args.experiment, out.name, params=flatten(cfg),
                               tags=run_tags(cfg, 1))
-        run.log_datasets(data, validation, cfg.data_path or corpus_path(cfg.corpus, data.teacher))
+        run.log_datasets(data, validation, cfg.data_path)
         tracker = TrackerGroup(tracker, run.tracker())
     with run.system_metrics() if run is not None else contextlib.nullcontext():
         untracked_summary = train_loop(cfg, ctx, tracker, data=data)
@@ -568,7 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--teacher", help="teacher that embeds --text (default: the one the model trained with)")
     load.set_defaults(func=cmd_load)
 
-    from .launch.tune import METRICS, SCHEDULERS, SEARCHES
+    from .launch.tune import SCHEDULERS, SEARCHES
+    from .metrics import SWEEP_METRICS
     tune = sub.add_parser("tune", help="sweep hyperparameters with Ray Tune")
     tune.add_argument("--space", action="append", required=True, help="search-space YAML (repeatable; merged)")
     tune.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
@@ -581,9 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--scheduler", choices=SCHEDULERS, default="asha",
                       help="asha: stop weak trials early; fifo: run every trial to the end; pbt: population based "
                            "training (weak trials copy strong ones' checkpoints and perturb lr and thresholds)")
-    tune.add_argument("--metric", choices=sorted(METRICS), default="val_cosine",
+    tune.add_argument("--metric", choices=sorted(SWEEP_METRICS), default="val_cosine",
                       help="what the search, the scheduler and the report maximise: " +
-                           "; ".join(f"{k}: {v}" for k, v in METRICS.items()))
+                           "; ".join(f"{k}: {v}" for k, v in SWEEP_METRICS.items()))
     tune.add_argument("--pbt-interval", type=int, help="PBT: steps between exploits (default: checkpoint_every)")
     tune.add_argument("--pbt-sync", action="store_true",
                       help="PBT: every trial waits at each interval for the others, so the same trials exploit at "

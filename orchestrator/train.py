@@ -13,8 +13,6 @@ good checkpoint stays where it is.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -29,28 +27,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from model import EnergyLattice, count_parameters, lattice_loss
+from model import EnergyLattice, count_parameters
 from model.config import flatten
 
 from .checkpoint import check_compatible
 from .config import ConfigError, TrainConfig, config_from_dict, resolved, run_tags
 from .context import LocalContext, RunContext, all_gather, step_check
-from .data.datasets import PairDataset, Split, ensure_corpus, load_dataset, shard, training_rows, validation_rows
+from .data.datasets import PairDataset, Split, validation_rows
 from .evaluation import Decoded, baselines, evaluate, example_rows, finish_metrics, text_metrics
 from .faults import Faults
+from .metrics import validation_key
+from .run_data import prepare_data, worker_shards
+from .step import train_step
 from .memory import keep_freed_memory, peak_memory_bytes, reset_peak_memory, use_expandable_segments
 from .observe.plots import make_plots
 from .observe.trackers import Tracker
-from .observe.tracking import VALIDATION_KEYS, log_config
+from .observe.tracking import log_config
 
 log = logging.getLogger(__name__)
-
-SUMMARY_KEYS = ("status", "steps", "val_cosine", "val_top1", "val_bleu", "lattice_gain", "val_cosine_skip_only",
-                "val_cosine_lattice_only", "val_top1_lattice_only", "plane_difference", "plane_balance",
-                "baseline_identity_cosine", "baseline_ridge_cosine", "baseline_kernel_ridge_cosine",
-                "baseline_kernel_ridge_top1", "baseline_kernel_ridge_bleu", "mean_steps_used", "completion",
-                "checkpoint")
-
 
 class LRSchedule:
     """Linear warm-up to `lr`, then either plateau cuts (driven by validation loss) or cosine decay."""
@@ -174,34 +168,6 @@ def _maybe_crash(faults: Faults, step: int, ctx: RunContext) -> None:
         os._exit(13)
 
 
-def load_data(cfg: TrainConfig) -> PairDataset:
-    """The run's dataset: the configured file, or the configured corpus (built and embedded on first
-    use). All its training rows: a run takes its `train_rows` in `worker_shards`.
-
-    The teacher loads lazily, so it costs nothing when the file already carries its embeddings.
-    """
-    from .data.teacher import Teacher
-    teacher = Teacher(cfg.teacher)
-    path = Path(cfg.data_path) if cfg.data_path else ensure_corpus(teacher=teacher, corpus=cfg.corpus)
-    return load_dataset(path, teacher=teacher, embed_dim=cfg.model.embed_dim, val_fraction=cfg.val_fraction,
-                        max_rows=cfg.max_rows)
-
-
-def worker_shards(data: PairDataset, world_size: int, val_max_samples: int,
-                  train_rows: int | None = None) -> list[PairDataset]:
-    """One dataset per rank: its share of the (first `train_rows`) training rows, the validation rows,
-    and the baselines computed once on those training rows (so every rank and every run compares the
-    same way). Baselines the dataset already carries for these rows (a sweep's driver computes them
-    once for all its trials) are reused."""
-    data = training_rows(data, train_rows)
-    val = validation_rows(data, val_max_samples)
-    carried = data.baselines or {}
-    same_rows = (carried.get("baseline_val_rows"), carried.get("baseline_train_rows")) == (len(val), len(data.train))
-    base = carried if same_rows else baselines(data.train, val)
-    return [dataclasses.replace(data, train=shard(data.train, rank, world_size), baselines=base)
-            for rank in range(world_size)]
-
-
 def _validate(model: EnergyLattice, val: Split, cfg: TrainConfig, ctx: RunContext,
               device: torch.device) -> tuple[dict[str, float], list[str]]:
     """Validation metrics over all ranks: each rank evaluates its share of the rows. Returns the
@@ -223,7 +189,7 @@ def _validate(model: EnergyLattice, val: Split, cfg: TrainConfig, ctx: RunContex
     texts = texts_in_row_order(2)
     merged.update(text_metrics(texts, val))
     merged["top1_lattice_only"] = text_metrics(texts_in_row_order(3), val)["top1"]
-    return {(k if k in VALIDATION_KEYS else f"val_{k}"): v for k, v in merged.items()}, texts
+    return {validation_key(k): v for k, v in merged.items()}, texts
 
 
 @dataclass
@@ -270,10 +236,10 @@ class StepResult:
 def train_loop(config: TrainConfig | dict[str, Any], ctx: RunContext | None = None,
                tracker: Tracker | None = None, data: PairDataset | None = None,
                init_state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """Train one model; return the run summary (see SUMMARY_KEYS). Safe to call in any worker.
+    """Train one model; return the run summary (see metrics.SUMMARY_KEYS). Safe to call in any worker.
 
-    `data`, if given, holds the training rows of this worker only (see `worker_shards`); without it
-    the loop loads `config.data_path` and takes this rank's share itself. `init_state` holds model
+    `data`, if given, holds the training rows of this worker only (run_data.worker_shards); without
+    it the loop prepares the config's data itself (run_data.prepare_data) and takes this rank's share. `init_state` holds model
     weights to start from when there is no checkpoint to resume (e.g. the previous scaling stage's).
     """
     run = _setup(config, ctx, tracker, data)
@@ -305,11 +271,10 @@ def _setup(config: TrainConfig | dict[str, Any], ctx: RunContext | None, tracker
         use_deterministic_algorithms()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
-    if data is None:
-        data = training_rows(load_data(cfg), cfg.train_rows)
-        train_rows = shard(data.train, ctx.rank, ctx.world_size)
-    else:  # a launcher sharded it already
-        train_rows = data.train
+    if data is None:  # a plain process prepares what a launcher would have
+        _, prepared = prepare_data(cfg)
+        data = worker_shards(prepared, ctx.world_size, cfg.val_max_samples, cfg.train_rows)[ctx.rank]
+    train_rows = data.train
 
     model = EnergyLattice(cfg.model).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -382,47 +347,30 @@ def _start_window(run: TrainingRun) -> None:
 
 
 def _optimizer_step(run: TrainingRun) -> StepResult | None:
-    """One optimizer step at run.step: grad_accum_steps micro-batches, then clipping and the update.
+    """One optimizer step at run.step (step.train_step over grad_accum_steps micro-batches).
 
     Returns None, with run.status "diverged" and run.step back at the last applied step, when the
     loss of any rank is not finite; the update is not applied then."""
-    cfg, step, device = run.cfg, run.step, run.device
+    cfg, step = run.cfg, run.step
     _maybe_crash(run.faults, step, run.ctx)
     lr = run.schedule.lr(step)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    # Accumulated on the device: a host read per micro-batch would stall the GPU each time.
-    loss_sum, spawned = torch.zeros((), device=device), torch.zeros((), device=device)
-    steps_used, completion = 0, 0.0
-    for micro in range(cfg.grad_accum_steps):
-        idx = run.stream.next()
-        sync = micro == cfg.grad_accum_steps - 1 or not hasattr(run.ddp_model, "no_sync")
-        with (contextlib.nullcontext() if sync else run.ddp_model.no_sync()):
-            out = run.ddp_model(run.train_inputs[idx])
-            loss = lattice_loss(out, run.train_targets[idx], cfg.model) / cfg.grad_accum_steps
-            if run.faults.nan_loss_at_step == step:
-                loss = loss * float("nan")
-            run.scaler.scale(loss).backward()
-        loss_sum += loss.detach()
-        steps_used += out.stats.steps_used
-        completion += out.stats.completion
-        spawned += out.stats.spawned.float().mean()
-    loss_value, diverged = step_check(loss_sum)
-
-    if diverged:
+    batches = [(run.train_inputs[idx], run.train_targets[idx])
+               for idx in (run.stream.next() for _ in range(cfg.grad_accum_steps))]
+    outcome = train_step(run.model, batches, run.optimizer, run.scaler, grad_clip=cfg.grad_clip,
+                         forward_model=run.ddp_model, finite_check=step_check,
+                         poison_loss=run.faults.nan_loss_at_step == step)
+    if not outcome.applied:
         run.status = "diverged"
         run.step -= 1  # the update was not applied
         log.error("non-finite loss at step %d; stopping with status 'diverged'", step)
-        run.optimizer.zero_grad(set_to_none=True)
         return None
-
-    run.scaler.unscale_(run.optimizer)
-    grad_norm = nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or float("inf"))
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
     run.window_samples += cfg.batch_size * cfg.grad_accum_steps * run.ctx.world_size
-    return StepResult(loss_value, lr, grad_norm.detach(), steps_used, completion, spawned)
+    # Summed on the device: a host read per micro-batch would stall the GPU each time.
+    spawned = sum(s.spawned.float().mean() for s in outcome.stats)
+    return StepResult(outcome.loss, lr, outcome.grad_norm, sum(s.steps_used for s in outcome.stats),
+                      sum(s.completion for s in outcome.stats), spawned)
 
 
 def _log_training(run: TrainingRun, result: StepResult) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.train import SUMMARY_KEYS
+from orchestrator.metrics import SUMMARY_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ import pytest
 
 from orchestrator.observe.console import ConsoleTracker, format_duration
 from orchestrator.observe.plots import validation_figure
-from orchestrator.observe.tracking import mlflow_metric_name, mlflow_metric_names
+from orchestrator.metrics import mlflow_metric_name, mlflow_metric_names
 
 BASELINES = {"baseline_identity_cosine": 0.46, "baseline_identity_top1": 0.09, "baseline_identity_bleu": 3.0,
              "baseline_ridge_cosine": 0.59, "baseline_ridge_top1": 0.18, "baseline_ridge_lambda": 10.0,

@@ -5,11 +5,13 @@ lowest first; a module may import its own layer and the ones below it, never one
 
     model/          the lattice model
     base            the foundations at orchestrator/'s top: files, faults, checkpoint, code_version,
-                    memory, planner, context (the run contexts)
+                    memory, planner, context (the run contexts), step (the one training step), metrics (every
+                    metric name)
     observe/        trackers, MLflow, console, plots
     data/           datasets, teacher, corpus builders (the teacher's progress line uses the console's
                     duration format)
-    core            the training path at orchestrator/'s top: config, evaluation, train
+    core            the training path at orchestrator/'s top: config, evaluation, run_data (the one
+                    way in for data), train
     launch/, perf/  Ray launchers; benchmarks and checks. Beside each other: neither imports the other
     entry           cli.py and __main__.py
 """
@@ -25,8 +27,8 @@ from test_gpu_readiness import BLOCKER
 
 REPO = Path(__file__).resolve().parents[1]
 
-BASE = {"files", "faults", "checkpoint", "code_version", "memory", "planner", "context"}
-CORE = {"config", "evaluation", "train"}
+BASE = {"files", "faults", "checkpoint", "code_version", "memory", "planner", "context", "step", "metrics"}
+CORE = {"config", "evaluation", "run_data", "train"}
 ENTRY = {"cli", "__main__"}
 RANK = {"model": 0, "base": 1, "observe": 2, "data": 3, "core": 4, "launch": 5, "perf": 5, "entry": 6}
 
@@ -137,6 +139,17 @@ def test_launch_and_perf_do_not_import_each_other():
     across = [f"{name} imports {target}" for name, targets in sorted(GRAPH.items()) for target in sorted(targets)
               if {layer(name), layer(target)} == {"launch", "perf"}]
     assert not across, "\n".join(across)
+
+
+def test_one_training_step_runs_everywhere_and_needs_only_torch_and_the_model():
+    # the loop, the benchmark's worker and the memory measurement run orchestrator.step.train_step;
+    # bench --compare runs the step and its worker against another commit's model/, so neither may
+    # import anything of the orchestrator but the step
+    for user in ("orchestrator.train", "orchestrator.perf.bench_step", "orchestrator.perf.memory_measure"):
+        assert "orchestrator.step" in GRAPH[user], user
+    assert all(t.startswith("model") for t in GRAPH["orchestrator.step"]), GRAPH["orchestrator.step"]
+    assert GRAPH["orchestrator.perf.bench_step"] - {"orchestrator.step"} <= {"model"} | set(
+        m for m in MODULES if m.startswith("model.")), GRAPH["orchestrator.perf.bench_step"]
 
 
 def test_the_repository_root_that_modules_compute_from_their_own_path_is_the_repository():

@@ -21,7 +21,7 @@ from orchestrator.faults import Faults
 from orchestrator.launch.ray_train import Launch, run_ray_train
 from orchestrator.observe.mlflow_model import predict_embeddings
 from orchestrator.observe.tracking import TrackingConfigError, check_tracking_uri, load_registered_model, rows_digest
-from orchestrator.train import load_data
+from orchestrator.run_data import load_data
 
 pytestmark = pytest.mark.ray
 

@@ -13,7 +13,8 @@ from orchestrator.config import ConfigError, config_from_dict, make_config
 from orchestrator.context import LocalContext
 from orchestrator.faults import Faults
 from orchestrator.observe.trackers import FileTracker, read_metrics
-from orchestrator.train import SUMMARY_KEYS, BatchStream, train_loop
+from orchestrator.metrics import SUMMARY_KEYS
+from orchestrator.train import BatchStream, train_loop
 
 QUICK = {"batch_size": 16, "val_max_samples": 64, "warmup_steps": 2, "log_every": 1}
 
@@ -169,3 +170,28 @@ def test_step_check_reads_loss_and_divergence_together():
     assert step_check(torch.tensor(0.25)) == (0.25, False)
     loss, diverged = step_check(torch.tensor(float("nan")))
     assert diverged and loss != loss
+
+
+def _unit_rows(n, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=-1)
+
+
+def test_train_step_updates_clips_and_leaves_weights_alone_on_a_non_finite_loss():
+    from orchestrator.step import train_step
+    torch.manual_seed(0)
+    model = EnergyLattice(preset("smoke"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, y = _unit_rows(8, model.cfg.embed_dim, 1), _unit_rows(8, model.cfg.embed_dim, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    poisoned = train_step(model, [(x, y)], optimizer, grad_clip=1.0, poison_loss=True)
+    assert not poisoned.applied and poisoned.grad_norm is None and poisoned.loss != poisoned.loss
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())  # the bad step's gradients are dropped
+
+    # two micro-batches of 4: the loss is their mean, one update, one FlowStats each
+    step = train_step(model, [(x[:4], y[:4]), (x[4:], y[4:])], optimizer, grad_clip=1e-3)
+    assert step.applied and len(step.stats) == 2 and 0 < step.loss < 2 and float(step.grad_norm) > 1e-3
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())

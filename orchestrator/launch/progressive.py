@@ -27,10 +27,10 @@ from model.config import ConfigError
 from model.transfer import transfer
 
 from ..config import TrainConfig, make_config
+from ..metrics import STAGE_METRICS, baseline_key, baseline_scores, logged_baselines
 from ..observe.console import tool_command
-from ..observe.plots import baseline_scores
 from ..observe.tracking import (REGISTERED_MODEL, TrackedRun, browse_lines, check_tracking_uri, child_runs, client_for,
-                                experiment_id, load_registered_model, logged_baselines, resolve_tracking_uri, run_metric)
+                                experiment_id, load_registered_model, resolve_tracking_uri, run_metric)
 from .ray_train import (Launch, Placement, WorkerBudget, WorkerGroup, alive_node_count, connect, fields_of, ray_logs_dir,
                         run_ray_train, with_planned_batch)
 
@@ -99,9 +99,8 @@ def _row(preset: str, run, *, skipped: bool, checkpoint: str | None = None) -> d
     scores = baseline_scores(logged_baselines(run.data.metrics))
     return {"preset": preset, "lattice": t.get("lattice"), "steps": int(float(run.data.params.get("max_steps", 0))),
             "batch": int(float(run.data.params.get("batch_size", 0))),
-            **{key: run_metric(run, key) for key in ("val_cosine", "val_top1", "val_cosine_lattice_only",
-                                                      "lattice_gain")},
-            **{f"baseline_{name}_{score}": value
+            **{key: run_metric(run, key) for key in STAGE_METRICS},
+            **{baseline_key(name, score): value
                for name, values in scores.items() for score, value in values.items()},
             "model_version": t.get("model_version"),
             "mlflow_run_id": run.info.run_id, "status": t.get("status"), "skipped": skipped,

@@ -23,14 +23,15 @@ from typing import Any
 
 from model.config import ConfigError
 
-from ..config import TrainConfig, flatten, resolved, run_tags
+from ..config import TrainConfig, flatten, run_tags
 from ..context import RayTrainContext, best_checkpoint
-from ..data.datasets import PairDataset, training_rows, validation_rows
+from ..data.datasets import PairDataset, validation_rows
 from ..faults import Faults
 from ..observe.console import ProgressChannel
 from ..observe.trackers import TrackerGroup
 from ..observe.tracking import EXAMPLE_ROWS, TrackedRun, check_tracking_uri, resolve_tracking_uri
-from ..train import load_data, train_loop, worker_shards
+from ..run_data import prepare_data, worker_shards
+from ..train import train_loop
 
 log = logging.getLogger(__name__)
 
@@ -232,15 +233,6 @@ def build_trainer(cfg: TrainConfig, launch: Launch, data: PairDataset, *, run: T
                                                checkpoint_score_order="max")))
 
 
-def prepare_config(cfg: TrainConfig) -> TrainConfig:
-    """Resolve the config on the launching side: the dataset built once and named by absolute path."""
-    from ..data.datasets import ensure_corpus
-    from ..data.teacher import Teacher
-    if cfg.data_path is None:  # build the corpus once here, not in every worker
-        cfg = dataclasses.replace(cfg, data_path=str(ensure_corpus(teacher=Teacher(cfg.teacher), corpus=cfg.corpus)))
-    return resolved(dataclasses.replace(cfg, data_path=str(Path(cfg.data_path).resolve())))
-
-
 def run_ray_train(cfg: TrainConfig, launch: Launch, init_state: dict | None = None,
                   faults: Faults | None = None) -> dict[str, Any]:
     """Train with a TorchTrainer; return the run's summary (TrackedRun.close) with `ray_run_path`.
@@ -250,7 +242,7 @@ def run_ray_train(cfg: TrainConfig, launch: Launch, init_state: dict | None = No
     connect(launch.address)
     uri = resolve_tracking_uri(launch.tracking_uri)
     check_tracking_uri(uri, alive_node_count())
-    cfg = prepare_config(cfg)
+    cfg, data = prepare_data(cfg)
     run_name = launch.run_name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = storage_path(launch.storage)
     run = TrackedRun.open(uri, launch.experiment, run_name, params=flatten(cfg),
@@ -258,9 +250,8 @@ def run_ray_train(cfg: TrainConfig, launch: Launch, init_state: dict | None = No
                           parent_run_id=launch.parent_run_id, run_id=launch.mlflow_run_id, alias=launch.model_alias)
     log.info("MLflow run %s in experiment %r at %s", run.run_id, launch.experiment, uri)
 
-    data = load_data(cfg)
     validation = validation_rows(data, cfg.val_max_samples)
-    run.log_datasets(training_rows(data, cfg.train_rows), validation, cfg.data_path)  # the workers shard these
+    run.log_datasets(data, validation, cfg.data_path)  # the workers shard these
     progress = ProgressChannel()
     trainer = build_trainer(cfg, launch, data, run=run, run_name=run_name, init_state=init_state,
                             progress=progress, faults=faults)

@@ -35,6 +35,7 @@ from model import PRESETS
 from model.config import ConfigError, check_field, parse_value
 
 from ..config import TrainConfig, make_config
+from ..metrics import CELL_METRICS, baseline_key
 from .ray_train import Placement
 from .search_space import SearchSpace
 
@@ -43,8 +44,6 @@ log = logging.getLogger(__name__)
 # The figures a study compares, each a validation metric of every cell and, but for the lattice-only
 # one, of the baselines.
 QUALITY = ("val_cosine", "val_top1")
-CELL_METRICS = ("val_cosine", "val_top1", "val_cosine_lattice_only", "val_top1_lattice_only", "lattice_gain",
-                "steps", "wall_time_s", "mean_steps_used")
 BASELINES = ("identity", "ridge", "kernel_ridge")
 GRID_KEYS = ("preset", "train_rows", "seed")
 
@@ -125,10 +124,7 @@ def _check_data_sizes(study: Study, available: int) -> None:
 def run_study(study: Study) -> dict[str, Any]:
     """Run (or resume) the study's grid as one sweep; write its report on the sweep's parent run and
     return the summary: one entry per cell, the groups over seeds, the baselines per data size, the answer."""
-    from ..data.datasets import training_rows, validation_rows
-    from ..evaluation import baselines
-    from ..train import load_data
-    from .ray_train import prepare_config
+    from ..run_data import load_data, prepare_config, with_baselines
     from .tune import Sweep, run_sweep
 
     started = time.perf_counter()
@@ -140,11 +136,10 @@ def run_study(study: Study) -> dict[str, Any]:
     base = prepare_config(make_config(study.presets[0], sets))  # builds the corpus once
     data = load_data(base)
     _check_data_sizes(study, len(data.train))
-    val = validation_rows(data, base.val_max_samples)
     # Baselines of each data size, once, before the cells start: each cell finds them in the cache.
     baseline_rows = {}
     for rows in sorted(study.data_sizes):
-        baseline_rows[rows] = baselines(training_rows(data, rows).train, val)
+        baseline_rows[rows] = with_baselines(data, base.val_max_samples, rows).baselines
         log.info("baselines at %d training rows: ridge %.4f, kernel ridge %.4f (%d landmarks; its fit took %.0f s)", rows,
                  baseline_rows[rows]["baseline_ridge_cosine"], baseline_rows[rows]["baseline_kernel_ridge_cosine"],
                  baseline_rows[rows]["baseline_kernel_ridge_landmarks"],
@@ -324,7 +319,7 @@ def study_figure(groups: list[dict[str, Any]], presets: list[str], axes: list[st
                     label = f"{rows:,} rows" + (f" ({', '.join(map(str, setting))})" if axes else "")
                     by_size.errorbar(*zip(*line), marker="o", capsize=3, color=colours(i), label=label,
                                      linestyle=("-", "--", ":", "-.")[j % 4])
-            kernel = next((g.get(f"baseline_kernel_ridge_{score}") for g in groups if g["rows"] == rows), None)
+            kernel = next((g.get(baseline_key("kernel_ridge", score)) for g in groups if g["rows"] == rows), None)
             if isinstance(kernel, (int, float)):
                 by_size.axhline(kernel, color=colours(i), linestyle=(0, (1, 3)), linewidth=1)
         for k, preset in enumerate(presets):
@@ -336,8 +331,8 @@ def study_figure(groups: list[dict[str, Any]], presets: list[str], axes: list[st
                     by_rows.errorbar(*zip(*line), marker="o", capsize=3, color=colours(k), label=label,
                                      linestyle=("-", "--", ":", "-.")[j % 4])
         for n, name in enumerate(BASELINES):
-            points = sorted({(g["rows"], g.get(f"baseline_{name}_{score}")) for g in groups
-                             if isinstance(g.get(f"baseline_{name}_{score}"), (int, float))})
+            points = sorted({(g["rows"], g.get(baseline_key(name, score))) for g in groups
+                             if isinstance(g.get(baseline_key(name, score)), (int, float))})
             if points:
                 by_rows.plot(*zip(*points), color="grey", marker="sx^"[n % 3], linestyle=(0, (1, 3)),
                              label=name.replace("_", " "))

@@ -3,7 +3,7 @@ scheduling; MLflow runs; a report that says which sampled parameters mattered.
 
 The search spaces come from YAML files (orchestrator/launch/search_space.py: `load_space`).
 
-What a sweep optimises (`--metric`, see METRICS): validation cosine, the lattice's gain over its own
+What a sweep optimises (`--metric`, see metrics.SWEEP_METRICS): validation cosine, the lattice's gain over its own
 skip path, or cosine gained per hour of training. Every trial records the steps it ran and its wall
 time whatever the metric, so the quality/time trade-off is visible in the report.
 
@@ -42,14 +42,15 @@ from typing import Any
 from ..config import TrainConfig, flatten, make_config, resolved, run_tags, with_epochs
 from ..context import TuneContext, best_checkpoint
 from ..data.datasets import PairDataset, training_rows, validation_rows
-from ..evaluation import baselines
 from ..faults import Faults
+from ..metrics import FINAL_METRICS, SWEEP_METRICS, TRIAL_METRICS
 from ..observe.plots import parallel_coordinates
 from ..observe.tracking import (EXAMPLE_ROWS, TrackedRun, check_tracking_uri, child_runs, client_for, log_params,
                                 resolve_tracking_uri)
-from ..train import load_data, train_loop, worker_shards
+from ..run_data import prepare_config, prepare_data, worker_shards
+from ..train import train_loop
 from .ray_train import (Launch, Placement, WorkerBudget, alive_node_count, build_trainer, check_gpu_share, connect,
-                        prepare_config, storage_path, with_planned_batch)
+                        storage_path, with_planned_batch)
 from .search_space import SearchSpace, SpaceError, load_space
 from .sweep_report import best_trial, sampled_params, write_report
 
@@ -58,18 +59,6 @@ log = logging.getLogger(__name__)
 SWEEP_FILE = "sweep.json"
 SEARCHES = ("random", "optuna")
 SCHEDULERS = ("asha", "fifo", "pbt")
-# What a sweep can maximise; each is in every validation report of a trial.
-METRICS = {
-    "val_cosine": "validation cosine of the prediction with the target embedding",
-    "lattice_gain": "validation cosine minus that of the shortcut (the skip path alone, or without one the input "
-                    "copied unchanged): what the model adds over copying its input. Cosine ignores the skip "
-                    "path's scale, so across trials on one dataset this ranks as val_cosine does; it reads as a "
-                    "gain, and dropping the skip path cannot inflate it",
-    "val_cosine_lattice_only": "validation cosine of the lattice path decoded alone, without the skip path: what "
-                               "the lattice itself computes, the objective no shortcut can win",
-    "val_cosine_per_hour": "validation cosine gained over the identity baseline (the skip path's starting point) "
-                           "per hour of the trial's training: quality for the time spent",
-}
 # Fields PBT may change while a trial trains: each is read afresh at every step (lr by the schedule,
 # the thresholds by the flow processor) and none changes the model's shape or the optimizer's state,
 # so a trial can continue from another's checkpoint with new values. Everything else a trial
@@ -152,7 +141,7 @@ def run_trial(config: dict[str, Any], data: PairDataset, settings: TrialSettings
         # The worst value of each metric only keeps the scheduler's and the searcher's bookkeeping
         # whole (the searcher learns the region is infeasible); the summary reports no score.
         ray.tune.report({"trial_id": trial_id, "mlflow_run_id": run.run_id, "status": "infeasible",
-                         "reason": str(e), "step": 0, **{metric: -1.0 for metric in METRICS}})
+                         "reason": str(e), "step": 0, **{metric: -1.0 for metric in SWEEP_METRICS}})
         return
     if settings.epochs is not None:  # the batch is known now, and with it the steps of an epoch
         cfg = with_epochs(cfg, settings.epochs, cfg.train_rows or len(data.train), settings.workers_per_trial)
@@ -187,7 +176,7 @@ class Sweep(Placement):
     max_steps: int | None = None
     search: str = "random"          # random sampling, or Optuna's TPE (model-based; learns from finished trials)
     scheduler: str = "asha"         # asha: stop weak trials early; fifo: run all to the end; pbt: exploit/explore
-    metric: str = "val_cosine"      # what the search, the scheduler and the report maximise (METRICS)
+    metric: str = "val_cosine"      # what the search, the scheduler and the report maximise (SWEEP_METRICS)
     pbt_interval: int | None = None  # PBT: steps between exploits (default: the trials' checkpoint_every)
     pbt_sync: bool = False  # PBT: trials wait for each other at every interval, so exploits repeat run to run
     seed: int | None = None          # the Optuna sampler's seed (random search: Tune's own)
@@ -209,7 +198,7 @@ class Sweep(Placement):
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise SpaceError(f"--time-budget={self.time_budget_s:g}s must be more than 0 seconds")
         for name, value, allowed in (("--search", self.search, SEARCHES), ("--scheduler", self.scheduler, SCHEDULERS),
-                                     ("--metric", self.metric, tuple(METRICS))):
+                                     ("--metric", self.metric, tuple(SWEEP_METRICS))):
             if value not in allowed:
                 raise SpaceError(f"{name} {value!r} is not one of {', '.join(allowed)}")
         if self.search == "optuna" and self.scheduler == "pbt":
@@ -377,13 +366,6 @@ def _trial_checkpoints(result, workers_per_trial: int) -> list[tuple[Any, dict[s
             if isinstance(row["checkpoint_path"], str)]
 
 
-# What a trial row's `metrics` (the sweep report's record) holds besides the sweep's metric.
-TRIAL_METRICS = ("val_cosine", "val_top1", "lattice_gain", "val_cosine_lattice_only", "val_cosine_skip_only",
-                 "val_cosine_per_hour")
-# What a trial row's `final` holds: its last validation, when it ran to the end.
-FINAL_METRICS = TRIAL_METRICS[:-1] + ("val_top1_lattice_only", "steps", "wall_time_s", "mean_steps_used")
-
-
 def finish_trial(result, settings: TrialSettings, trial_id: str, run_id: str | None, *, out_of_time: bool = False,
                  input_example: Any = None) -> dict[str, Any]:
     """Close a trial's child run (its best checkpoint registered once, `input_example` its model's
@@ -414,7 +396,7 @@ def finish_trial(result, settings: TrialSettings, trial_id: str, run_id: str | N
         reason = (f"ended by {by} before its first report" if last.get("step") is None else
                   f"stopped by {by} at step {last['step']}; last validation: val_cosine "
                   f"{_fmt_metric(last.get('val_cosine'))}, lattice_gain {_fmt_metric(last.get('lattice_gain'))}")
-    metrics = {key: best_metrics.get(key) for key in TRIAL_METRICS}  # every one of METRICS among them
+    metrics = {key: best_metrics.get(key) for key in TRIAL_METRICS}  # every one of SWEEP_METRICS among them
     metrics.update(steps=last.get("step"), wall_time_s=last.get("wall_time_s") or last.get("time_total_s"),
                    mean_steps_used=last.get("mean_steps_used") or last.get("val_steps_used"),
                    max_flow_steps=cfg.model.resolved().max_steps if cfg else None,
@@ -451,7 +433,9 @@ def run_sweep(sweep: Sweep, faults: Faults | None = None, space: SearchSpace | N
     uri = resolve_tracking_uri(sweep.tracking_uri)
     base = make_config(sweep.preset, sets)
     scheduler, searcher = check_sweep(sweep, base, space)
-    base = prepare_config(base)  # builds the corpus once
+    # The data is prepared once here (the corpus built and embedded, the baselines fitted) and
+    # reaches every trial through the object store.
+    base, data = prepare_data(base)
     sets["data_path"] = base.data_path
 
     connect(sweep.address)
@@ -461,10 +445,6 @@ def run_sweep(sweep: Sweep, faults: Faults | None = None, space: SearchSpace | N
     concurrent = sweep.concurrency or max(1, int(_cluster_cpus() // max(1, sweep.workers_per_trial)))
     budget = (WorkerBudget(int(sweep.trial_memory_gb * 2**30), "cuda" if sweep.gpus_per_trial else "cpu")
               if sweep.trial_memory_gb else WorkerBudget.probe(1, sweep.gpus_per_trial, concurrent))
-    # The dataset is loaded (and embedded) once here, with its baselines, and reaches every trial
-    # through the object store.
-    data = training_rows(load_data(base), base.train_rows)
-    data = dataclasses.replace(data, baselines=baselines(data.train, validation_rows(data, base.val_max_samples)))
 
     if sweep.resume:
         if not (sweep_dir / SWEEP_FILE).exists():

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .plots import baseline_scores
+from ..metrics import baseline_scores
 from .trackers import Tracker
 
 PROGRESS_EVERY_S = 30.0

@@ -4,7 +4,6 @@ cosine and top-1 over steps against the baselines."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -13,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from model import EnergyLattice  # noqa: E402
+
+from ..metrics import baseline_scores  # noqa: E402
 
 
 @torch.no_grad()
@@ -72,17 +73,6 @@ def make_plots(model: EnergyLattice, sample_embedding: torch.Tensor, losses: lis
     ax.set(xlabel="step", ylabel="training loss (1 - cosine)", title="loss")
     paths.append(save_figure(fig, out_dir / "loss_curve.png"))
     return paths
-
-
-def baseline_scores(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """{"ridge": {"cosine": .., "top1": ..}, ...} from flat `baseline_<name>_cosine/_top1` keys, in the
-    order they were logged, so a baseline added to evaluation shows up without a change here."""
-    scores: dict[str, dict[str, float]] = {}
-    for key, value in metrics.items():
-        for score in ("cosine", "top1"):
-            if key.startswith("baseline_") and key.endswith(f"_{score}") and value is not None:
-                scores.setdefault(key[len("baseline_"):-len(score) - 1], {})[score] = float(value)
-    return scores
 
 
 def validation_plot(cosine: list[tuple[int, float]], top1: list[tuple[int, float]], baselines: dict[str, float],

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from ..code_version import code_version_tags
+from ..metrics import COMPARE_METRICS, logged_baselines, mlflow_metric_name, mlflow_metric_names
 from .trackers import Tracker
 
 log = logging.getLogger(__name__)
@@ -164,61 +165,9 @@ def end_run(uri: str, run_id: str, status: str) -> None:
     client_for(uri).set_terminated(run_id, state)
 
 
-# MLflow's run page groups metrics into sections by the part of the name before "/": sections in
-# alphabetical order (seen in MLflow 3.17), then ungrouped metrics; `system/` metrics go to the
-# System metrics tab. Validation is what a run page should open on, so its section is `eval`
-# (first: eval < flow < train); the baselines are constants (one bar chart each), so theirs is named
-# to sort last. The training loop, Ray reports, summaries and metrics.jsonl keep flat keys
-# (`val_cosine`); only what MLflow stores gets the sectioned name (`eval/cosine`).
-PREFIX_SECTIONS = {"val_": "eval", "baseline_": "val_baseline", "train_": "train", "flow_": "flow",
-                   "system_": "system"}
-FLOW_WORDS = ("steps_used", "completion", "spawned")                      # how the flows behaved
-SYSTEM_WORDS = ("samples_per_s", "step_time", "mem_gb", "parameters")     # what the run costs
-# Measured at a validation but named without `val_`, as they read in summaries and the scaling table.
-VALIDATION_KEYS = ("lattice_gain", "plane_difference", "plane_balance")
-
-
-def mlflow_metric_name(key: str, *, with_validation: bool = False) -> str:
-    """The MLflow name of a flat metric key, by rule:
-
-    - a known prefix becomes a section: `val_cosine` -> `eval/cosine`, `baseline_ridge_top1` ->
-      `val_baseline/ridge_top1`, `val_cosine_skip_only` -> `eval/cosine_skip_only`;
-    - an unprefixed key logged together with validation metrics was measured at that validation:
-      `lattice_gain` -> `eval/lattice_gain`, `plane_difference` -> `eval/plane_difference`;
-    - otherwise flow statistics go to `flow/`, throughput, memory and size to `system/`, and the
-      rest (loss, lr, grad_norm) to `train/`.
-    A name that already has a section is kept.
-    """
-    if "/" in key:
-        return key
-    for prefix, section in PREFIX_SECTIONS.items():
-        if key.startswith(prefix):
-            return f"{section}/{key[len(prefix):]}"
-    if with_validation or key in VALIDATION_KEYS:
-        return f"eval/{key}"
-    if any(word in key for word in FLOW_WORDS):
-        return f"flow/{key}"
-    if any(word in key for word in SYSTEM_WORDS):
-        return f"system/{key}"
-    return f"train/{key}"
-
-
-def mlflow_metric_names(metrics: dict[str, Any]) -> dict[str, Any]:
-    """A batch of flat metrics under their MLflow names (see mlflow_metric_name)."""
-    with_validation = any(k.startswith("val_") for k in metrics)
-    return {mlflow_metric_name(k, with_validation=with_validation): v for k, v in metrics.items()}
-
-
 def run_metric(run, key: str) -> float | None:
     """A flat metric's latest value in an MLflow run."""
     return run.data.metrics.get(mlflow_metric_name(key))
-
-
-def logged_baselines(metrics: dict[str, float]) -> dict[str, float]:
-    """The flat `baseline_*` metrics among a run's logged metrics (MLflow names), every baseline
-    that was logged, e.g. {"baseline_ridge_cosine": 0.59, ...}."""
-    section = PREFIX_SECTIONS["baseline_"] + "/"
-    return {"baseline_" + k[len(section):]: v for k, v in metrics.items() if k.startswith(section)}
 
 
 class MlflowTracker(Tracker):
@@ -493,8 +442,7 @@ def load_registered_model(model_uri: str, tracking_uri: str | None = None):
     return load_model(path)
 
 
-COMPARE_METRICS = tuple(mlflow_metric_name(k) for k in ("val_cosine", "val_top1", "val_bleu", "baseline_ridge_cosine",
-                                                          "baseline_identity_cosine"))
+COMPARE_COLUMNS = tuple(mlflow_metric_name(k) for k in COMPARE_METRICS)
 
 
 def compare_runs(experiment: str, tracking_uri: str | None = None, top: int = 10, csv_path: str | Path | None = None) -> str:
@@ -524,9 +472,9 @@ def compare_runs(experiment: str, tracking_uri: str | None = None, top: int = 10
         return f"experiment {experiment!r} has no runs with a validation cosine yet" + report
     keys = sorted({k for r in runs for k in r.data.params})
     differing = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1 and k != "data_path"]
-    header = ["run", "status", "lattice"] + list(COMPARE_METRICS)
+    header = ["run", "status", "lattice"] + list(COMPARE_COLUMNS)
     values = [[r.info.run_name or r.info.run_id[:8], r.data.tags.get("status", r.info.status.lower()),
-               r.data.tags.get("lattice")] + [r.data.metrics.get(m) for m in COMPARE_METRICS] for r in runs]
+               r.data.tags.get("lattice")] + [r.data.metrics.get(m) for m in COMPARE_COLUMNS] for r in runs]
     if csv_path:  # full precision, an empty cell where the table shows "-"
         Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
         with open(csv_path, "w", newline="") as f:

@@ -151,7 +151,7 @@ def bench_batch(data: PairDataset, batch: int) -> tuple[torch.Tensor, torch.Tens
 
 def _default_data() -> PairDataset:
     from ..config import make_config
-    from ..train import load_data
+    from ..run_data import load_data
     return load_data(make_config("debug"))
 
 

@@ -1,8 +1,9 @@
 """One training step of the lattice, timed or profiled: what `bench` measures, and the worker that
 `bench --compare REF` runs on another commit's model.
 
-This module imports torch and `model` only, never the rest of the orchestrator, so the `model` it
-times is whichever one its process finds first on sys.path. `bench --compare` starts it as
+The step itself is orchestrator.step.train_step, the one the training loop runs. This module and
+that one import torch and `model` only, never the rest of the orchestrator, so the `model` they
+time is whichever one the process finds first on sys.path. `bench --compare` starts it as
 `python -m orchestrator.perf.bench_step` in the folder a commit's `model/` was exported to, with this
 checkout on PYTHONPATH: that commit's model, timed by this file's code, so both sides of a
 comparison are measured the same way. The worker reads one JSON request per line on stdin and
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-PHASES = ("forward", "loss", "backward", "optimizer")  # the profile's record_function labels
+from ..step import PHASES, train_step
 
 
 def sync(device: torch.device) -> None:
@@ -48,30 +49,28 @@ class TrainStep:
         return cls(model, optimizer, inputs.to(device), targets.to(device), seed, device)
 
     def run(self) -> dict[str, Any]:
-        """One timed training step: forward (with the loss), then backward and the optimizer. Wall
-        time, and the CPU time of the whole process (all its threads): a busy neighbour stretches
-        the first but hardly the second, most clearly with one thread (`bench --threads 1`), where
-        no thread waits for another."""
-        from model import lattice_loss
+        """One timed training step, step.train_step as the loop runs it (clipped at training's
+        default grad_clip, 1.0): forward with the loss, then backward, clipping and the update.
+        Wall time, and the CPU time of the whole process (all its threads): a busy neighbour
+        stretches the first but hardly the second, most clearly with one thread (`bench --threads
+        1`), where no thread waits for another."""
         torch.manual_seed(self.seed + 1)  # the same flow noise every time
+        marks: list[tuple[float, float]] = []
+
+        def forward_done() -> None:
+            sync(self.device)
+            marks.append((time.perf_counter(), time.process_time()))
+
         sync(self.device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        with torch.profiler.record_function("forward"):
-            out = self.model(self.inputs)
-        with torch.profiler.record_function("loss"):
-            loss = lattice_loss(out, self.targets, self.model.cfg)
-        sync(self.device)
-        forward_done, cpu_forward_done = time.perf_counter(), time.process_time()
-        with torch.profiler.record_function("backward"):
-            loss.backward()
-        with torch.profiler.record_function("optimizer"):
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        outcome = train_step(self.model, [(self.inputs, self.targets)], self.optimizer, grad_clip=1.0,
+                             after_forward=forward_done)
         sync(self.device)
         end, cpu_end = time.perf_counter(), time.process_time()
-        return {"forward_s": forward_done - start, "train_step_s": end - start,
-                "forward_cpu_s": cpu_forward_done - cpu_start, "train_step_cpu_s": cpu_end - cpu_start,
-                "flow_steps": sum(out.stats.active_per_step), "steps_used": out.stats.steps_used}
+        (forward_end, cpu_forward_end), stats = marks[0], outcome.stats[0]
+        return {"forward_s": forward_end - start, "train_step_s": end - start,
+                "forward_cpu_s": cpu_forward_end - cpu_start, "train_step_cpu_s": cpu_end - cpu_start,
+                "flow_steps": sum(stats.active_per_step), "steps_used": stats.steps_used}
 
     def profile(self, steps: int = 2, top: int = 20) -> dict[str, Any]:
         """torch.profiler over `steps` training steps (after at least one step has run): the

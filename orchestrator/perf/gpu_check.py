@@ -291,7 +291,8 @@ def _train_run(env: CheckEnv, name: str, precision: str, *, resume_from: Path | 
                faults: Faults | None = None, **overrides: Any) -> tuple[dict[str, Any], dict[int, float], Path]:
     from ..config import make_config
     from ..context import LocalContext
-    from ..train import train_loop, worker_shards
+    from ..run_data import worker_shards
+    from ..train import train_loop
 
     settings = {"device": env.device.type, "batch_size": 4 if env.quick else 16,
                 "val_max_samples": 16 if env.quick else 64, "warmup_steps": 2, "log_every": 1, "val_every": 4,
@@ -469,7 +470,7 @@ def _ddp_run(env: CheckEnv, backend: str, world_size: int, gpu_per_rank: bool, o
     import torch.multiprocessing as mp
 
     from ..config import config_from_dict
-    from ..train import worker_shards
+    from ..run_data import worker_shards
 
     out.mkdir(parents=True, exist_ok=True)
     config = _ddp_config(env.device.type)

@@ -82,8 +82,10 @@ def measure_peak_bytes(model_cfg: ModelConfig, batch: int, *, device: str = "cpu
 
 
 def _measure_here(spec: dict[str, Any]) -> dict[str, Any]:
-    from model import EnergyLattice, lattice_loss
+    from model import EnergyLattice
     from model.config import from_dict
+
+    from ..step import train_step
 
     # Imported only in the subprocess, to hold what a training process holds (data and metric
     # libraries); no module imports this one, so this closes no import loop.
@@ -95,13 +97,10 @@ def _measure_here(spec: dict[str, Any]) -> dict[str, Any]:
     model = EnergyLattice(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.nn.functional.normalize(torch.randn(spec["batch"], cfg.embed_dim, device=device), dim=-1)
-    for _ in range(MEASURE_STEPS):
-        out = model(x)
-        lattice_loss(out, x.flip(0), model.cfg).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    measured = {"peak_bytes": peak_memory_bytes(device), "steps_used": out.stats.steps_used,
-                "flow_steps_per_sample": sum(out.stats.active_per_step) / spec["batch"]}
+    for _ in range(MEASURE_STEPS):  # the loop's own step, clipping included
+        stats = train_step(model, [(x, x.flip(0))], optimizer, grad_clip=1.0).stats[0]
+    measured = {"peak_bytes": peak_memory_bytes(device), "steps_used": stats.steps_used,
+                "flow_steps_per_sample": sum(stats.active_per_step) / spec["batch"]}
     if device.type == "cuda":
         getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
         measured.update(reserved_bytes=torch.cuda.max_memory_reserved(device),

@@ -16,7 +16,6 @@ validation curve and the seconds training and baselines took.
 """
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -26,12 +25,11 @@ from ..checkpoint import load_model
 from ..config import TrainConfig
 from ..context import LocalContext
 from ..data.datasets import PairDataset, validation_rows
-from ..evaluation import baselines, evaluate, text_metrics
-from ..observe.tracking import VALIDATION_KEYS
-from ..train import load_data, train_loop
+from ..evaluation import evaluate, text_metrics
+from ..metrics import BASELINES, VALIDATION_KEYS, baseline_key
+from ..run_data import load_data, with_baselines
+from ..train import train_loop
 
-BASELINE_ROWS = (("identity", "identity"), ("mean target", "mean_target"), ("ridge", "ridge"),
-                 ("kernel ridge", "kernel_ridge"))
 # What the validation curve keeps of each validation: the scores, then the lattice's own figures.
 CURVE_KEYS = ("step", "val_cosine", "val_top1", "val_cosine_lattice_only", *VALIDATION_KEYS)
 
@@ -56,11 +54,10 @@ def _row(name: str, cosine: float, texts: list[str], val) -> dict[str, Any]:
 def run_quality_bench(cfg: TrainConfig, data: PairDataset | None = None) -> dict[str, Any]:
     """Train `cfg` in this process and measure the final model against its baselines."""
     data = data or load_data(cfg)
-    val = validation_rows(data, cfg.val_max_samples)
     started = time.perf_counter()
-    base = baselines(data.train, val)  # cached on disk after the first time
+    data = with_baselines(data, cfg.val_max_samples)  # cached on disk after the first time
     baseline_seconds = time.perf_counter() - started
-    data = dataclasses.replace(data, baselines=base)
+    val, base = validation_rows(data, cfg.val_max_samples), data.baselines
 
     with tempfile.TemporaryDirectory() as tmp:
         ctx = _RecordingContext(Path(tmp), keep=1)
@@ -78,9 +75,9 @@ def run_quality_bench(cfg: TrainConfig, data: PairDataset | None = None) -> dict
             _row("lattice alone", metrics["cosine_lattice_only"], lattice_decoded.texts(val), val)]
     if skip is not None:
         rows.append(_row("skip alone", float(skip.cosine.mean()), skip.texts(val), val))
-    for name, key in BASELINE_ROWS:
-        rows.append({"predictor": name, "cosine": base[f"baseline_{key}_cosine"],
-                     "top1": base[f"baseline_{key}_top1"], "bleu": base[f"baseline_{key}_bleu"]})
+    for name in BASELINES:
+        rows.append({"predictor": name.replace("_", " "),
+                     **{score: base[baseline_key(name, score)] for score in ("cosine", "top1", "bleu")}})
     from ..code_version import code_version_tags
     from .bench import machine_info
     return {
