@@ -229,6 +229,7 @@ def _print_nearest_targets(model, train_config: dict[str, Any], args, k: int = 5
 
 def cmd_tune(args) -> int:
     from .config import parse_sets
+    from .faults import Faults
     from .launch.tune import Sweep, parse_duration, run_sweep
     from .observe.console import tool_command
     from .observe.tracking import browse_lines, experiment_id
@@ -241,7 +242,7 @@ def cmd_tune(args) -> int:
         max_failures=args.max_failures,
         time_budget_s=parse_duration(args.time_budget) if args.time_budget is not None else None)
     setup_logging()
-    summary = run_sweep(sweep)  # checks the spaces, values and scheduler before Ray starts
+    summary = run_sweep(sweep, faults=Faults.from_environment())  # checks the spaces first, then starts Ray
     if args.summary_json:
         _write_json(args.summary_json, summary)
     if summary["status"] == "interrupted":

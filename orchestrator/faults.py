@@ -1,5 +1,5 @@
 """Fault injection, for tests of the failure paths: a non-finite loss at one step, a worker process
-killed once at one step.
+killed once at one step, a sweep interrupted (as by Ctrl-C) once a number of its trials completed.
 
 Faults are no part of a run's configuration (they are never logged, swept or saved). A launcher
 hands a `Faults` to the run context it builds (`LocalContext(..., faults=)`,
@@ -9,10 +9,15 @@ hands a `Faults` to the run context it builds (`LocalContext(..., faults=)`,
 `only_for` narrows the faults to runs whose config has the given values at the given dotted paths,
 e.g. `Faults(nan_loss_at_step=6, only_for={"seed": 0})`: in a sweep over seeds, only the trial with
 seed 0 diverges.
+
+A test that drives the CLI in a subprocess hands it faults through the environment variable
+ENERGY_LATTICE_TEST_FAULTS (the JSON of `Faults.to_dict()`): `Faults.from_environment()`.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,12 +29,15 @@ class Faults:
     nan_loss_at_step: int | None = None    # the loss of this optimizer step becomes NaN
     crash_at_step: int | None = None       # rank 0 kills its process once at this step (needs a marker folder)
     only_for: dict[str, Any] | None = None  # {dotted config path: value} a run must have for the faults to fire
+    # A sweep's driver sends itself SIGINT, what Ctrl-C does, once this many of its trials completed:
+    # an interrupt at a known point, whatever the machine's speed.
+    interrupt_sweep_after_trials: int | None = None
 
     def __post_init__(self):
-        for name in ("nan_loss_at_step", "crash_at_step"):
-            step = getattr(self, name)
-            if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 1):
-                raise ConfigError(f"Faults.{name}={step!r} must be a step number; allowed range [1, 100000000]")
+        for name in ("nan_loss_at_step", "crash_at_step", "interrupt_sweep_after_trials"):
+            count = getattr(self, name)
+            if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+                raise ConfigError(f"Faults.{name}={count!r} must be a whole number; allowed range [1, 100000000]")
 
     def active_for(self, cfg: Any) -> bool:
         """Whether these faults fire in a run of `cfg` (a TrainConfig): True unless `only_for` names
@@ -50,3 +58,9 @@ class Faults:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Faults:
         return cls(**data) if data else cls()
+
+    @classmethod
+    def from_environment(cls) -> Faults:
+        """The faults a test put in ENERGY_LATTICE_TEST_FAULTS; none when it is unset."""
+        text = os.environ.get("ENERGY_LATTICE_TEST_FAULTS")
+        return cls.from_dict(json.loads(text)) if text else cls()

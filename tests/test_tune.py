@@ -3,10 +3,8 @@ import csv
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -358,21 +356,16 @@ def test_an_interrupted_optuna_sweep_resumes_without_rerunning_finished_trials(t
            "--address", ray.get_runtime_context().gcs_address]
     for key, value in cfg.sets.items():
         cmd += ["--set", f"{key}={value}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Interrupted at a known point, whatever the machine's speed: the driver sends itself SIGINT (what
+    # Ctrl-C does) once its first trial completed, through the fault hook.
+    env = {**os.environ, "PYTHONPATH": str(REPO),
+           "ENERGY_LATTICE_TEST_FAULTS": json.dumps(Faults(interrupt_sweep_after_trials=1).to_dict())}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "--resume" in proc.stdout, (proc.stdout[-2000:], proc.stderr[-2000:])
     sweep_dir = tmp_path / "ray" / cfg.experiment
-    finished = []
-    deadline = time.time() + 300
-    while time.time() < deadline and not finished:
-        time.sleep(2)
-        for result_file in sweep_dir.glob("*/result.json"):
-            lines = result_file.read_text().splitlines()
-            if lines and json.loads(lines[-1]).get("status") == "completed":
-                finished.append(result_file)
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-    assert finished, "no trial finished in time"
-    proc.send_signal(signal.SIGINT)  # what Ctrl-C does
-    assert proc.wait(120) == 1 and "--resume" in proc.stdout.read()
+    finished = [f for f in sweep_dir.glob("*/result.json") if f.read_text().splitlines()
+                and json.loads(f.read_text().splitlines()[-1]).get("status") == "completed"]
+    assert len(finished) >= 1, "the interrupt came before a trial completed"
     # A trial run again appends new results (new timestamps); Tune may rewrite the file unchanged.
     snapshot = {f: f.read_text() for f in finished}
 

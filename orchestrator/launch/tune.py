@@ -33,7 +33,9 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import re
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -488,7 +490,8 @@ def run_sweep(sweep: Sweep, faults: Faults | None = None, space: SearchSpace | N
                 # PBT needs the checkpoint each donor reported last, whatever its score
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=None if sweep.scheduler == "pbt" else 2,
-                    checkpoint_score_attribute="val_cosine", checkpoint_score_order="max")))
+                    checkpoint_score_attribute="val_cosine", checkpoint_score_order="max"),
+                callbacks=_fault_callbacks(faults, sweep_dir)))
     fit_started = time.perf_counter()
     grid = tuner.fit()
     tune_time = time.perf_counter() - fit_started
@@ -519,6 +522,29 @@ def run_sweep(sweep: Sweep, faults: Faults | None = None, space: SearchSpace | N
             "tracking_uri": uri, "sweep_path": str(sweep_dir), "wall_time_s": wall,
             "trial_train_time_s": sum(t["wall_time_s"] or 0.0 for t in trials), "report": report,
             "tune_time_s": tune_time, "time_budget_s": settings.time_budget_s, "out_of_time": out_of_time}
+
+
+def _fault_callbacks(faults: Faults | None, sweep_dir: Path) -> list:
+    """Faults.interrupt_sweep_after_trials as a Tune callback: once that many trials completed, the
+    driver sends itself SIGINT, which Tune handles as Ctrl-C (saves the sweep's state and stops).
+    Once per sweep: Tune restores its callbacks with the sweep, and a marker file keeps the resumed
+    sweep from being interrupted again."""
+    if faults is None or faults.interrupt_sweep_after_trials is None:
+        return []
+    from ray.tune import Callback
+    marker = sweep_dir / ".fault-interrupted"
+
+    class InterruptAfterTrials(Callback):
+        completed = 0
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.completed += 1
+            if self.completed == faults.interrupt_sweep_after_trials and not marker.exists():
+                marker.write_text(str(os.getpid()))
+                log.warning("fault injection: interrupting the sweep after %d completed trials", self.completed)
+                os.kill(os.getpid(), signal.SIGINT)
+
+    return [InterruptAfterTrials()]
 
 
 def _trainable(data: PairDataset, settings: TrialSettings, sweep: Sweep, faults: Faults | None):
