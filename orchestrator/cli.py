@@ -536,10 +536,24 @@ def build_parser() -> argparse.ArgumentParser:
     from model import PRESETS
     parser = _Parser(prog="python -m orchestrator", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_train_command(sub, PRESETS)
+    _add_load_command(sub)
+    _add_tune_command(sub, PRESETS)
+    _add_scale_command(sub)
+    _add_study_command(sub)
+    _add_compare_command(sub)
+    _add_data_command(sub)
+    _add_bench_command(sub, PRESETS)
+    _add_bench_quality_command(sub, PRESETS)
+    _add_plan_command(sub, PRESETS)
+    _add_gpu_check_command(sub)
+    return parser
 
+
+def _add_train_command(sub, presets) -> None:
     train = sub.add_parser("train", help="train one model")
     train.add_argument("--local", action="store_true", help="train in this process (no Ray)")
-    train.add_argument("--preset", default="debug", choices=sorted(PRESETS))
+    train.add_argument("--preset", default="debug", choices=sorted(presets))
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a config field, e.g. lr=1e-3 or model.spawn_threshold=0.2 (repeatable)")
     length = train.add_mutually_exclusive_group()
@@ -557,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launch_flags(train, experiment="energy-lattice", experiment_help="MLflow experiment name")
     train.set_defaults(func=cmd_train)
 
+
+def _add_load_command(sub) -> None:
     load = sub.add_parser("load", help="load a registered or saved model and check it runs")
     load.add_argument("model_uri", help="models:/energy-lattice/<version>, models:/energy-lattice@<alias>, "
                                         "or a checkpoint folder")
@@ -568,11 +584,13 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--teacher", help="teacher that embeds --text (default: the one the model trained with)")
     load.set_defaults(func=cmd_load)
 
+
+def _add_tune_command(sub, presets) -> None:
     from .launch.tune import SCHEDULERS, SEARCHES
     from .metrics import SWEEP_METRICS
     tune = sub.add_parser("tune", help="sweep hyperparameters with Ray Tune")
     tune.add_argument("--space", action="append", required=True, help="search-space YAML (repeatable; merged)")
-    tune.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
+    tune.add_argument("--preset", default="smoke", choices=sorted(presets))
     tune.add_argument("--set", action="append", metavar="KEY=VALUE", help="fixed override for every trial")
     tune.add_argument("--num-samples", type=int, default=4, help="samples drawn from the space (x grid size)")
     tune.add_argument("--max-steps", type=int, help="optimizer steps per trial")
@@ -600,6 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
                       per_trial=True)
     tune.set_defaults(func=cmd_tune)
 
+
+def _add_scale_command(sub) -> None:
     from .launch.progressive import DEFAULT_STAGES, ScalingJob
     scale = sub.add_parser("scale", help="progressive scaling: train stage after stage on growing lattices, each "
                                          "from the last one's weights (also: python jobs/progressive_scaling.py)")
@@ -618,6 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
                       experiment_help="MLflow experiment; rerunning with the same one resumes an unfinished job")
     scale.set_defaults(func=cmd_scale)
 
+
+def _add_study_command(sub) -> None:
     study = sub.add_parser("study", help="a scaling study: lattice size x training rows x seeds (x switches) as Tune "
                                          "trials under one MLflow parent run, with a report against the baselines")
     study.add_argument("--presets", required=True, help="comma-separated lattice presets, smallest first")
@@ -641,6 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
                       per_trial=True)
     study.set_defaults(func=cmd_study)
 
+
+def _add_compare_command(sub) -> None:
     compare = sub.add_parser("compare", help="table of an experiment's runs from MLflow")
     compare.add_argument("--experiment", required=True)
     compare.add_argument("--top", type=int, default=10, help="best K runs by validation cosine")
@@ -649,6 +673,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "that differ")
     compare.set_defaults(func=cmd_compare)
 
+
+def _add_data_command(sub) -> None:
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     build = data_sub.add_parser("build", help="build and embed a corpus (default: the stdlib corpus)")
@@ -663,8 +689,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher model folder or hub id")
     build.set_defaults(func=cmd_data_build)
 
+
+def _add_bench_command(sub, presets) -> None:
     bench = sub.add_parser("bench", help="time the flow step and training step, MFU, peak memory")
-    bench.add_argument("--preset", nargs="+", action="extend", choices=sorted(PRESETS),
+    bench.add_argument("--preset", nargs="+", action="extend", choices=sorted(presets),
                        help="presets to bench (default: debug experiment scale-50)")
     bench.add_argument("--batch", type=int, help="batch size for every preset (default: per preset)")
     bench.add_argument("--repeats", type=int, default=3, help="timed training steps per preset (median)")
@@ -684,9 +712,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", help="write every figure and the machine it ran on here")
     bench.set_defaults(func=cmd_bench)
 
+
+def _add_bench_quality_command(sub, presets) -> None:
     quality = sub.add_parser("bench-quality", help="train a preset, then compare it with its baselines and "
                                                    "ablations (cosine, top-1, BLEU)")
-    quality.add_argument("--preset", default="debug", choices=sorted(PRESETS))
+    quality.add_argument("--preset", default="debug", choices=sorted(presets))
     quality.add_argument("--steps", type=int, help="optimizer steps (default: the config's max_steps)")
     quality.add_argument("--data", help="Parquet/JSONL/CSV with input_text and target_text (default: the stdlib corpus)")
     quality.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -694,9 +724,11 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--json", help="write the table, the validation curve and the timings here")
     quality.set_defaults(func=cmd_bench_quality)
 
+
+def _add_plan_command(sub, presets) -> None:
     from .planner import HEADROOM
     plan = sub.add_parser("plan", help="estimate peak training memory and pick the largest batch that fits")
-    plan.add_argument("--preset", default="debug", choices=sorted(PRESETS))
+    plan.add_argument("--preset", default="debug", choices=sorted(presets))
     plan.add_argument("--budget-gb", type=float, help="memory budget in GiB (default: what this machine has free)")
     plan.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a model field, e.g. "
                       "model.activation_checkpointing=true (repeatable)")
@@ -713,6 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "cuda: max_memory_allocated and max_memory_reserved)")
     plan.set_defaults(func=cmd_plan)
 
+
+def _add_gpu_check_command(sub) -> None:
     gpu = sub.add_parser("gpu-check", help="prove the GPU paths in one short run (precision, host syncs, resume, "
                                            "DDP, planner, bench); needs no Ray, MLflow or teacher")
     gpu.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -724,7 +758,6 @@ def build_parser() -> argparse.ArgumentParser:
                                      "bench (default: all)")
     gpu.add_argument("--json", help="write every figure and the machine here")
     gpu.set_defaults(func=cmd_gpu_check)
-    return parser
 
 
 def run_guarded(command: Callable[[], int]) -> int:

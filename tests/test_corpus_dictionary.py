@@ -89,3 +89,16 @@ def test_training_rows_keep_the_validation_rows_and_share_memory(tmp_path):
 def test_max_pairs_is_refused_for_a_corpus_it_does_not_apply_to(capsys):
     assert main(["data", "build", "--corpus", "stdlib", "--max-pairs", "10"]) == 2
     assert capsys.readouterr().err.strip() == "error: --max-pairs applies to the dictionary corpus only, not to 'stdlib'"
+
+
+def test_a_run_on_the_first_rows_uses_the_whole_corpus_if_built_else_one_built_that_far(tmp_path, monkeypatch):
+    from orchestrator.data.datasets import corpus_path, ensure_corpus
+    monkeypatch.setenv("ENERGY_LATTICE_CACHE", str(tmp_path))
+    capped, whole = corpus_path("dictionary", max_pairs=50), corpus_path("dictionary")
+    capped.parent.mkdir(parents=True)
+    _embedded(capped, 60, splits=["val"] * 10 + ["train"] * 50)  # what `data build --max-pairs 50` writes
+    assert capped != whole and capped.name == "dictionary_pairs_50.parquet"
+    assert ensure_corpus(corpus="dictionary", train_rows=50) == capped  # found: nothing is built
+    _embedded(whole, 80, splits=["val"] * 10 + ["train"] * 70)
+    assert ensure_corpus(corpus="dictionary", train_rows=50) == whole, "the whole corpus serves every run"
+    assert ensure_corpus(corpus="dictionary") == whole
