@@ -14,6 +14,7 @@ from model.config import (ConfigError, ModelConfig, apply_overrides, flatten, fr
                           preset, validate)
 
 from .data.teacher import DEFAULT_TEACHER
+from .step import DEFAULT_GRAD_CLIP
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class TrainConfig:
     plateau_factor: float = knob(0.5, "lr multiplier when validation loss stalls", range="(0, 1)")
     plateau_patience: int = knob(2, "validations without improvement before the lr is cut", range="[0, 1000]")
     min_lr: float = knob(1e-5, "lower bound of the lr schedule", range="[0, 10]")
-    grad_clip: float = knob(1.0, "max global gradient norm (0: no clipping)", range="[0, 1000000]")
+    grad_clip: float = knob(DEFAULT_GRAD_CLIP, "max global gradient norm (0: no clipping)", range="[0, 1000000]")
 
     # --- monitoring and checkpoints -------------------------------------------------------------
     log_every: int = knob(10, "training metrics every this many steps", range="[1, 100000000]")

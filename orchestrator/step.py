@@ -24,6 +24,9 @@ from model import lattice_loss
 
 # The profile's record_function labels, in the order the step runs them.
 PHASES = ("forward", "loss", "backward", "optimizer")
+# Training's gradient clipping (TrainConfig.grad_clip's default), which bench and the memory
+# measurement take too, so they run the step as a default run trains.
+DEFAULT_GRAD_CLIP = 1.0
 
 
 @dataclass
@@ -44,7 +47,7 @@ def local_finite_check(loss_sum: torch.Tensor) -> tuple[float, bool]:
 
 def train_step(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None, *,
-               grad_clip: float = 0.0, forward_model: nn.Module | None = None,
+               grad_clip: float = DEFAULT_GRAD_CLIP, forward_model: nn.Module | None = None,
                finite_check: Callable[[torch.Tensor], tuple[float, bool]] = local_finite_check,
                after_forward: Callable[[], None] | None = None, poison_loss: bool = False) -> StepOutcome:
     """Forward and backward over `batches` (micro-batches of (inputs, targets), gradients

@@ -36,13 +36,13 @@ from .context import LocalContext, RunContext, all_gather, step_check
 from .data.datasets import PairDataset, Split, validation_rows
 from .evaluation import Decoded, baselines, evaluate, example_rows, finish_metrics, text_metrics
 from .faults import Faults
-from .metrics import validation_key
-from .run_data import prepare_data, worker_shards
-from .step import train_step
 from .memory import keep_freed_memory, peak_memory_bytes, reset_peak_memory, use_expandable_segments
+from .metrics import validation_key
 from .observe.plots import make_plots
 from .observe.trackers import Tracker
 from .observe.tracking import log_config
+from .run_data import prepare_data, worker_shards
+from .step import train_step
 
 log = logging.getLogger(__name__)
 

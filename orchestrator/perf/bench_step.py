@@ -50,7 +50,7 @@ class TrainStep:
 
     def run(self) -> dict[str, Any]:
         """One timed training step, step.train_step as the loop runs it (clipped at training's
-        default grad_clip, 1.0): forward with the loss, then backward, clipping and the update.
+        default grad_clip): forward with the loss, then backward, clipping and the update.
         Wall time, and the CPU time of the whole process (all its threads): a busy neighbour
         stretches the first but hardly the second, most clearly with one thread (`bench --threads
         1`), where no thread waits for another."""
@@ -63,7 +63,7 @@ class TrainStep:
 
         sync(self.device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        outcome = train_step(self.model, [(self.inputs, self.targets)], self.optimizer, grad_clip=1.0,
+        outcome = train_step(self.model, [(self.inputs, self.targets)], self.optimizer,
                              after_forward=forward_done)
         sync(self.device)
         end, cpu_end = time.perf_counter(), time.process_time()

@@ -98,7 +98,7 @@ def _measure_here(spec: dict[str, Any]) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.nn.functional.normalize(torch.randn(spec["batch"], cfg.embed_dim, device=device), dim=-1)
     for _ in range(MEASURE_STEPS):  # the loop's own step, clipping included
-        stats = train_step(model, [(x, x.flip(0))], optimizer, grad_clip=1.0).stats[0]
+        stats = train_step(model, [(x, x.flip(0))], optimizer).stats[0]
     measured = {"peak_bytes": peak_memory_bytes(device), "steps_used": stats.steps_used,
                 "flow_steps_per_sample": sum(stats.active_per_step) / spec["batch"]}
     if device.type == "cuda":
